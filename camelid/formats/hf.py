@@ -1,0 +1,269 @@
+"""Hugging Face checkpoint folders: config.json + safetensors (single or sharded) or legacy .bin.
+
+Loading checks every tensor name and shape against the model before any weight is read, builds
+the model on the meta device and assigns the checkpoint's tensors in place (safetensors are
+memory-mapped, so peak memory stays near one copy of the weights). Saving writes each file to
+a temp name and renames it, so an interrupted save never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import LlamaConfig, atomic_write_text
+from ..model import LlamaForCausalLM
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters saved; recomputed here
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's files or tensors do not match its config. The message names them."""
+
+
+# ---------------------------------------------------------------------- reading: which tensors where
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it, validating index files and duplicates."""
+    for index_name, single_name in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        if (directory / index_name).is_file():
+            shard_of = _read_index(directory, index_name)
+            break
+        if (directory / single_name).is_file():
+            shard_of = None
+            files = [directory / single_name]
+            break
+    else:
+        raise CheckpointError(f"{directory}: no weights found (looked for {SAFE_INDEX}, {SAFE_SINGLE}, "
+                              f"{BIN_INDEX}, {BIN_SINGLE})")
+    if shard_of is not None:
+        files = sorted(set(shard_of.values()))
+    location: dict[str, Path] = {}
+    for file in files:
+        for name in _tensor_names(file):
+            if name in location:
+                raise CheckpointError(f"tensor {name!r} appears in both {location[name].name} and {file.name}")
+            location[name] = file
+    if shard_of is not None:
+        wrong = sorted(n for n, f in shard_of.items() if location.get(n) != f)
+        if wrong:
+            raise CheckpointError(f"{directory / index_name}: tensors not in the shard the index names: "
+                                  f"{_names(wrong)}")
+    return location
+
+
+def _read_index(directory: Path, index_name: str) -> dict[str, Path]:
+    path = directory / index_name
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid index (needs a 'weight_map' object): {e}") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: 'weight_map' must be an object")
+    root = directory.resolve()
+    shard_of = {}
+    for name, filename in weight_map.items():
+        if not isinstance(filename, str) or not filename:
+            raise CheckpointError(f"{path}: tensor {name!r} maps to {filename!r}, not a file name")
+        file = (directory / filename).resolve()
+        if file.parent != root:  # no absolute paths, no "..", no links out of the folder
+            raise CheckpointError(f"{path}: tensor {name!r} points outside the checkpoint folder: {filename!r}")
+        if not file.is_file():
+            raise CheckpointError(f"{path}: shard {filename!r} (for tensor {name!r}) does not exist")
+        shard_of[name] = file
+    return shard_of
+
+
+def _tensor_names(file: Path) -> list[str]:
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return list(_load_bin(file).keys())
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a pickle can run arbitrary code; mmap: no second copy of the weights.
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe pickles
+        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch checkpoint: {e}") from None
+
+
+def _shapes(location: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in sorted(set(location.values())):
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        else:
+            shapes.update({k: tuple(t.shape) for k, t in _load_bin(file).items()})
+    return shapes
+
+
+def _names(names: list[str], most: int = 12) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+# ---------------------------------------------------------------------- loading
+
+def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """Load an HF folder. dtype: a torch dtype or its name, "auto" (the checkpoint's), or None
+    (float32). device: where the weights go (default CPU)."""
+    directory = Path(directory)
+    config = LlamaConfig.from_pretrained(directory)
+    location = {k: f for k, f in weight_files(directory).items() if not k.endswith(DROPPED_SUFFIXES)}
+    shapes = _shapes(location)
+    if "lm_head.weight" not in shapes and not config.tie_word_embeddings:
+        config.tie_word_embeddings = True  # no separate output matrix: the embeddings serve as it
+    dtype = _resolve_dtype(dtype, config)
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        if "lm_head.weight" in shapes:  # some exporters store the tied copy too
+            location.pop("lm_head.weight"), shapes.pop("lm_head.weight")
+    _check_names_and_shapes(directory, expected, shapes)
+
+    device = torch.device(device or "cpu")
+    for file in sorted(set(location.values())):
+        tensors = _read_file(file)
+        state = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items() if k in expected}
+        model.load_state_dict(state, strict=False, assign=True)
+        del tensors, state
+    if config.tie_word_embeddings:  # assign=True replaced the embedding Parameter: re-tie
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.torch_dtype = _dtype_name(dtype)
+    return model.set_attn_implementation(attn_implementation).eval()
+
+
+def _read_file(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix != ".safetensors":
+        return _load_bin(file)
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read tensor data (truncated or corrupt?): {e}") from None
+
+
+def _check_names_and_shapes(directory, expected: dict, found: dict) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshapen = sorted(f"{k} {found[k]} (expected {expected[k]})" for k in set(expected) & set(found)
+                       if found[k] != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_names(unexpected)}")
+    if misshapen:
+        problems.append(f"tensors with the wrong shape: {_names(misshapen)}")
+    if problems:
+        raise CheckpointError(f"{directory}: checkpoint does not match its config.json; " + "; ".join(problems))
+
+
+def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        return DTYPES.get(config.torch_dtype or "float32", torch.float32)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------- saving
+
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """5_000_000, "5GB", "500MiB" -> bytes (decimal units as transformers uses them)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(size).upper())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size {size!r} is not a size such as 5GB, 500MB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def save_pretrained(model: LlamaForCausalLM, directory, max_shard_size="5GB") -> Path:
+    """Write config.json and model.safetensors (or model-0000i-of-0000n.safetensors shards with
+    model.safetensors.index.json) in the layout transformers.from_pretrained reads."""
+    limit = parse_size(max_shard_size)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers re-ties it from the embeddings
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+
+    n = len(shards)
+    names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, shard in zip(names, shards):
+        _atomic_save_safetensors({k: v.cpu() for k, v in shard.items()}, directory / name)
+    config = LlamaConfig.from_dict(model.config.to_dict())
+    config.torch_dtype = _dtype_name(model.dtype)
+    config.extra.setdefault("architectures", ["LlamaForCausalLM"])
+    config.save_pretrained(directory)
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        atomic_write_text(directory / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # Remove what an earlier save left that would now mislead a loader.
+    for stale in directory.iterdir():
+        if (stale.name not in names and (_SHARD_RE.match(stale.name) or stale.name == SAFE_SINGLE)) or \
+                (n == 1 and stale.name == SAFE_INDEX):
+            stale.unlink()
+    return directory
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
