@@ -124,6 +124,8 @@ class LlamaConfig:
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 0):
                 raise ConfigError(f"{name} must be a non-negative integer or null, got {v!r}")
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ConfigError(f"pad_token_id ({self.pad_token_id}) must be below vocab_size ({self.vocab_size})")
         eos = self.eos_token_id
         eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
         if not all(_is_int(e) and e >= 0 for e in eos_list):
