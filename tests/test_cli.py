@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+
+from camelid.cli import main
+
+
+def test_info_preset_prints_published_parameters(capsys):
+    assert main(["info", "llama-2-7b", "--seq-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "6,738,415,616" in out and "MHA" in out and "KV cache" in out
+
+
+def test_info_reads_a_config_folder(tmp_path, capsys):
+    cfg = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=1, rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "MQA" in out and "linear" in out and "factor=2.0" in out
+
+
+def test_info_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["info", "no-such-model"]) == 2
+    assert "neither a config folder/file nor a preset" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10}))
+    assert main(["info", str(tmp_path)]) == 2
+    assert "hidden_size" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "camelid.cli", "info", "smollm2-135m"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "134,515,008" in out
