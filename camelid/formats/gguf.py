@@ -1,0 +1,208 @@
+"""GGUF (llama.cpp) checkpoints: metadata -> LlamaConfig, tensors -> HF-named state dict.
+
+llama.cpp's converter permutes the rows of q_proj/k_proj so that its RoPE (which rotates
+adjacent pairs, x[2i], x[2i+1]) matches HF's (which rotates halves, x[i], x[i + D/2]):
+
+    per head, HF rows [r0 .. r(D/2-1) | s0 .. s(D/2-1)]  ->  GGUF rows [r0 s0 r1 s1 ...]
+
+Loading undoes that interleaving; saving (save_gguf) redoes it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from ..config import LlamaConfig
+from ..model import LlamaForCausalLM
+from .gguf_file import GGUFError, GGUFFile
+
+# One mapping table: GGUF tensor name -> HF name ({i} = layer index).
+TENSOR_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.ffn_gate.bias": "model.layers.{i}.mlp.gate_proj.bias",
+    "blk.{i}.ffn_up.bias": "model.layers.{i}.mlp.up_proj.bias",
+    "blk.{i}.ffn_down.bias": "model.layers.{i}.mlp.down_proj.bias",
+}
+_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in TENSOR_NAMES.items()]
+IGNORED = {"rope_freqs.weight"}  # folded into the config's rope scaling, see gguf_config
+
+# ggml types we dequantize (the K-quants and legacy quants through the gguf package's numpy code)
+SUPPORTED_TYPES = {t for t in GGMLQuantizationType if t.name in (
+    "F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    for pattern, template in _PATTERNS:
+        m = pattern.match(gguf_name)
+        if m:
+            return template.format(i=m.group(1)) if m.groups() else template
+    return None
+
+
+def gguf_name(hf: str) -> str:
+    for g, template in TENSOR_NAMES.items():
+        m = re.match("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$", hf)
+        if m:
+            return g.format(i=m.group(1)) if m.groups() else g
+    raise KeyError(f"no GGUF name for tensor {hf!r}")
+
+
+def permute_for_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF halves layout -> llama.cpp interleaved pairs, per head (rows of q_proj / k_proj)."""
+    D = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_from_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp interleaved pairs -> HF halves layout (the inverse of permute_for_gguf)."""
+    D = w.shape[0] // n_heads
+    return w.reshape(n_heads, D // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------- metadata -> config
+
+def gguf_config(g: GGUFFile) -> LlamaConfig:
+    f = g.fields
+    arch = f.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{g.path}: general.architecture is {arch!r}; camelid reads Llama-architecture GGUFs")
+
+    def key(name, default=None, required=True):
+        full = f"llama.{name}"
+        if full not in f:
+            if required and default is None:
+                raise GGUFError(f"{g.path}: metadata {full!r} is missing")
+            return default
+        return f[full]
+
+    heads = key("attention.head_count")
+    hidden = key("embedding_length")
+    tokens = f.get("tokenizer.ggml.tokens")
+    vocab = key("vocab_size", required=False) or (len(tokens) if tokens else None)
+    if vocab is None:
+        vocab = g.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in g.tensors else None
+    head_dim = key("attention.key_length", required=False) or key("rope.dimension_count", required=False)
+    d = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=key("block_count"), num_attention_heads=heads,
+        num_key_value_heads=key("attention.head_count_kv", heads),
+        max_position_embeddings=key("context_length", 2048),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in g.tensors,
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
+    )
+    if head_dim and head_dim != hidden // heads:
+        d["head_dim"] = head_dim
+    d["rope_scaling"] = _rope_scaling(g, key, d)
+    if "q_proj.bias" in " ".join(filter(None, map(hf_name, g.tensors))):
+        d["attention_bias"] = True
+    if "gate_proj.bias" in " ".join(filter(None, map(hf_name, g.tensors))):
+        d["mlp_bias"] = True
+    if d["pad_token_id"] is not None and d["pad_token_id"] >= d["vocab_size"]:
+        d["pad_token_id"] = None
+    d["extra"] = {"architectures": ["LlamaForCausalLM"]}
+    return LlamaConfig(**d)
+
+
+def _rope_scaling(g: GGUFFile, key, d) -> dict | None:
+    kind = key("rope.scaling.type", required=False)
+    factor = key("rope.scaling.factor", required=False)
+    orig = key("rope.scaling.original_context_length", required=False)
+    if "rope_freqs.weight" in g.tensors:
+        # Llama 3.1-style per-pair divisors, baked by llama.cpp's converter: inv_freq / rope_freqs.
+        # LongRoPE with one factor list for all lengths is exactly that.
+        freqs = _tensor(g.tensors["rope_freqs.weight"]).flatten().tolist()
+        return {"rope_type": "longrope", "short_factor": freqs, "long_factor": freqs,
+                "original_max_position_embeddings": d["max_position_embeddings"], "attention_factor": 1.0}
+    if kind in (None, "none") or (kind == "linear" and not factor):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        out = {"rope_type": "yarn", "factor": float(factor)}
+        if orig:
+            out["original_max_position_embeddings"] = int(orig)
+        for gk, hk in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if key(f"rope.scaling.{gk}", required=False):
+                out[hk] = float(key(f"rope.scaling.{gk}"))
+        return out
+    raise GGUFError(f"{g.path}: rope scaling type {kind!r} is not supported")
+
+
+# ---------------------------------------------------------------------- tensors
+
+def _tensor(t) -> torch.Tensor:
+    """Dequantize one GGUF tensor to a float32 torch tensor in PyTorch shape."""
+    if t.type not in SUPPORTED_TYPES:
+        raise GGUFError(f"tensor {t.name!r} has GGML type {t.type.name}, which camelid does not read")
+    if t.type == GGMLQuantizationType.F32:
+        return torch.from_numpy(t.data.view(np.float32).reshape(t.shape).copy())
+    return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.type), dtype=np.float32).reshape(t.shape))
+
+
+def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    from .hf import _check_names_and_shapes, _resolve_dtype
+
+    g = GGUFFile(path)
+    try:
+        config = gguf_config(g)
+        dtype = _resolve_dtype(dtype, config)
+        unknown = sorted(n for n in g.tensors if hf_name(n) is None and n not in IGNORED)
+        if unknown:
+            raise GGUFError(f"{g.path}: tensors camelid does not know: {', '.join(unknown[:12])}")
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        found = {hf_name(n): t.shape for n, t in g.tensors.items() if n not in IGNORED}
+        _check_names_and_shapes(g.path, expected, found)
+        device = torch.device(device or "cpu")
+        H, Hkv = config.num_attention_heads, config.num_key_value_heads
+        for name, t in g.tensors.items():
+            if name in IGNORED:
+                continue
+            w = _tensor(t)
+            if ".attn_q." in name:
+                w = unpermute_from_gguf(w, H)
+            elif ".attn_k." in name:
+                w = unpermute_from_gguf(w, Hkv)
+            model.load_state_dict({hf_name(name): w.to(device=device, dtype=dtype)}, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.torch_dtype = str(dtype).removeprefix("torch.")
+        model.gguf_metadata = {k: v for k, v in g.fields.items() if not k.startswith("tokenizer.ggml.")}
+        return model.set_attn_implementation(attn_implementation).eval()
+    finally:
+        g.close()
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
