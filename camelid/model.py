@@ -260,6 +260,8 @@ class LlamaModel(nn.Module):
             if output_hidden_states:
                 hidden_states.append(x)
         x = self.norm(x)
+        if output_hidden_states:  # as transformers: the last entry is the final-normed state the lm_head reads
+            hidden_states[-1] = x
         return x, (tuple(hidden_states) if output_hidden_states else None)
 
 
