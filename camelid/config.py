@@ -13,11 +13,12 @@ and written back in the spelling they came in.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ class LlamaConfig:
     # Which spelling the file used, so save_pretrained writes the same one back.
     _rope_key: str = field(default="rope_scaling", repr=False, compare=False)
     _dtype_key: str = field(default="torch_dtype", repr=False, compare=False)
+    # The rope object exactly as the file spelled it (legacy "type", aliases, a "default" entry),
+    # written back verbatim while it still means what rope_theta + rope_scaling say.
+    _rope_raw: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -89,7 +93,7 @@ class LlamaConfig:
         if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) \
                 and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self.rope_scaling = _normalise_rope(self.rope_scaling)
+        self.rope_scaling = _normalise_rope(self.rope_scaling, self._rope_key)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -135,7 +139,7 @@ class LlamaConfig:
         if self.model_type != "llama":
             raise ConfigError(f"model_type {self.model_type!r} is not a Llama-architecture model")
         if self.rope_scaling is not None:
-            _validate_rope(self.rope_scaling, self.head_dim)
+            _validate_rope(self.rope_scaling, self.head_dim, self._rope_key)
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -154,7 +158,7 @@ class LlamaConfig:
         """Build from a config.json dict, rejecting missing or ill-typed fields by name."""
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        d = dict(d)
+        d = copy.deepcopy(d)  # never alias (or, below, pop from) the caller's nested objects
         missing = [k for k in REQUIRED_KEYS if k not in d]
         if missing:
             raise ConfigError(f"config is missing required field(s): {', '.join(missing)}")
@@ -163,12 +167,15 @@ class LlamaConfig:
             params = d.pop("rope_parameters")
             if not isinstance(params, dict):
                 raise ConfigError(f"rope_parameters must be an object, got {params!r}")
+            kwargs["_rope_raw"] = copy.deepcopy(params)
             params = dict(params)
             if "rope_theta" in params:
                 kwargs["rope_theta"] = params.pop("rope_theta")
             d.pop("rope_scaling", None)  # transformers 5 writes both only when they agree
             kwargs["rope_scaling"] = params
             kwargs["_rope_key"] = "rope_parameters"
+        elif isinstance(d.get("rope_scaling"), dict):
+            kwargs["_rope_raw"] = copy.deepcopy(d["rope_scaling"])
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d.pop("dtype")
             kwargs["_dtype_key"] = "dtype"
@@ -193,15 +200,32 @@ class LlamaConfig:
                 continue  # camelid/PaddleNLP extra: only written when on, so HF files round-trip
             out[f.name] = getattr(self, f.name)
         scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
+        raw = self._rope_raw if self._raw_rope_still_valid() else None
         if self._rope_key == "rope_parameters":
-            out["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta}
+            out["rope_parameters"] = raw or {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta}
         else:
             out["rope_theta"] = self.rope_theta
-            out["rope_scaling"] = scaling
+            out["rope_scaling"] = raw or scaling
         if self.torch_dtype is not None:
             out[self._dtype_key] = self.torch_dtype
         out.update(self.extra)
-        return out
+        return copy.deepcopy(out)  # the caller may edit the dict; the config must not change with it
+
+    def _raw_rope_still_valid(self) -> bool:
+        """Whether the rope object as read still says what rope_theta + rope_scaling say now."""
+        raw = self._rope_raw
+        if not isinstance(raw, dict):
+            return False
+        raw = dict(raw)
+        if self._rope_key == "rope_parameters":
+            if "rope_theta" not in raw or raw.pop("rope_theta") != self.rope_theta:
+                return False
+        elif "rope_theta" in raw:
+            return False  # from_dict moved it out to rope_theta: write the normalised form
+        try:
+            return _normalise_rope(raw, self._rope_key) == self.rope_scaling
+        except ConfigError:
+            return False
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike) -> "LlamaConfig":
@@ -225,23 +249,80 @@ class LlamaConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write directory/config.json atomically (temp file + rename)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        return atomic_write_text(directory / "config.json", text)
+        # Serialise first: a config that cannot be written must not leave a new folder behind.
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        created = make_dir(directory)
+        try:
+            return atomic_write_text(directory / "config.json", text)
+        except BaseException:
+            remove_if_empty(directory, created)
+            raise
+
+
+def make_dir(directory: Path) -> bool:
+    """mkdir -p; True when `directory` itself was created (so a failed save can remove it)."""
+    existed = directory.is_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return not existed
+
+
+def remove_if_empty(directory: Path, created: bool) -> None:
+    if created:
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden name next to `path` (same file system, so os.replace is atomic)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def new_file_mode() -> int:
+    """The permissions open() gives a new file (0o666 minus the umask), for files that a library
+    creates 0600 (safetensors' save_file does)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it the racy way, restoring at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames in `directory` durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` to `path` so that readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_path(path)
     try:
+        # 0o666 & ~umask, like open(): tempfile.mkstemp would make every saved file 0600.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
 
 
@@ -289,17 +370,19 @@ def _check_type(name: str, value, hint: str):
     return float(value) if hint.startswith("float") else value
 
 
-def _normalise_rope(scaling: dict | None) -> dict | None:
+def _normalise_rope(scaling: dict | None, key: str = "rope_scaling") -> dict | None:
     """Legacy `type` -> `rope_type`; aliases resolved; default type -> None."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
-        raise ConfigError(f"rope_scaling must be an object or null, got {scaling!r}")
+        raise ConfigError(f"{key} must be an object or null, got {scaling!r}")
     scaling = dict(scaling)
     legacy = scaling.pop("type", None)
     rope_type = scaling.get("rope_type", legacy)
     if rope_type is None:
-        raise ConfigError(f"rope_scaling has no rope_type (or legacy type): {scaling!r}")
+        raise ConfigError(f"{key} has no rope_type (or legacy type): {scaling!r}")
+    if not isinstance(rope_type, str):
+        raise ConfigError(f"{key}.rope_type must be a string, got {rope_type!r}")
     rope_type = _ROPE_ALIASES.get(rope_type, rope_type)
     scaling["rope_type"] = rope_type
     if rope_type == "default" and set(scaling) <= {"rope_type", "rope_theta"}:
@@ -307,26 +390,31 @@ def _normalise_rope(scaling: dict | None) -> dict | None:
     return scaling
 
 
-def _validate_rope(scaling: dict, head_dim: int) -> None:
+def _validate_rope(scaling: dict, head_dim: int, where: str = "rope_scaling") -> None:
     rope_type = scaling["rope_type"]
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"unknown rope_type {rope_type!r} in rope_scaling; supported: {sorted(ROPE_TYPES)}")
+        raise ConfigError(f"unknown rope_type {rope_type!r} in {where}; supported: {sorted(ROPE_TYPES)}")
     required, optional = ROPE_TYPES[rope_type]
-    missing = required - set(scaling)
+    missing = sorted(k for k in required if scaling.get(k) is None)  # absent, or null
     if missing:
-        raise ConfigError(f"rope_scaling of type {rope_type!r} is missing {sorted(missing)}")
+        raise ConfigError(f"{where} of type {rope_type!r} is missing {', '.join(f'{where}.{k}' for k in missing)}")
     for key, value in scaling.items():
-        if key in ("rope_type", "truncate"):
+        if key == "rope_type":
             continue
-        if key in ("short_factor", "long_factor"):
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.truncate must be true or false, got {value!r}")
+        elif key in ("short_factor", "long_factor"):
             if not (isinstance(value, list) and len(value) == head_dim // 2
-                    and all(_is_number(v) and v > 0 for v in value)):
-                raise ConfigError(f"rope_scaling.{key} must be a list of {head_dim // 2} positive numbers")
+                    and all(_is_number(v) and math.isfinite(v) and v > 0 for v in value)):
+                got = f"a list of {len(value)}" if isinstance(value, list) else repr(value)
+                raise ConfigError(f"{where}.{key} must be a list of head_dim // 2 = {head_dim // 2} "
+                                  f"positive numbers, got {got}")
         elif key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
                      "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
             if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
-                raise ConfigError(f"rope_scaling.{key} must be a positive number, got {value!r}")
+                raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
     if rope_type in ("linear", "dynamic", "ntk", "llama3", "yarn") and scaling["factor"] < 1:
-        raise ConfigError(f"rope_scaling.factor must be >= 1 for {rope_type!r}, got {scaling['factor']!r}")
+        raise ConfigError(f"{where}.factor must be >= 1 for {rope_type!r}, got {scaling['factor']!r}")
     if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise ConfigError("rope_scaling.high_freq_factor must be greater than low_freq_factor")
+        raise ConfigError(f"{where}.high_freq_factor must be greater than {where}.low_freq_factor")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import LlamaConfig, atomic_write_text
+from ..config import LlamaConfig, fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
 from ..model import LlamaForCausalLM
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -27,6 +27,7 @@ DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters saved; rec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class CheckpointError(ValueError):
@@ -72,14 +73,16 @@ def _read_index(directory: Path, index_name: str) -> dict[str, Path]:
         raise CheckpointError(f"{path}: not a valid index (needs a 'weight_map' object): {e}") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: 'weight_map' must be an object")
-    root = directory.resolve()
     shard_of = {}
     for name, filename in weight_map.items():
         if not isinstance(filename, str) or not filename:
             raise CheckpointError(f"{path}: tensor {name!r} maps to {filename!r}, not a file name")
-        file = (directory / filename).resolve()
-        if file.parent != root:  # no absolute paths, no "..", no links out of the folder
+        # A plain name in this folder: no absolute path, no "..", no sub-folder. Checked on the name,
+        # not on the resolved path, because the Hugging Face cache's snapshot folders hold symlinks
+        # to ../../blobs/<hash>, and those are the checkpoints people load most.
+        if filename in (".", "..") or "/" in filename or "\\" in filename or os.path.isabs(filename):
             raise CheckpointError(f"{path}: tensor {name!r} points outside the checkpoint folder: {filename!r}")
+        file = directory / filename
         if not file.is_file():
             raise CheckpointError(f"{path}: shard {filename!r} (for tensor {name!r}) does not exist")
         shard_of[name] = file
@@ -97,22 +100,35 @@ def _tensor_names(file: Path) -> list[str]:
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a pickle can run arbitrary code; mmap: no second copy of the weights.
+    # weights_only: a pickle can run arbitrary code; mmap: no second copy of the weights (only the
+    # zip format torch >= 1.6 writes can be mapped; older files are read into memory).
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as e:  # torch raises several types for corrupt or unsafe pickles
         raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch checkpoint: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{file}: not a state dict (expected a mapping of tensor names to tensors, "
+                              f"got {type(state).__name__})")
+    return state
 
 
-def _shapes(location: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
+def _shapes_and_dtypes(location: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """Shape and dtype of every tensor in `location` (headers only for safetensors)."""
+    shapes, dtypes = {}, {}
     for file in sorted(set(location.values())):
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt") as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+                for k in f.keys():
+                    if k in location:  # not the dropped ones (rotary_emb.inv_freq)
+                        s = f.get_slice(k)
+                        shapes[k] = tuple(s.get_shape())
+                        dtypes[k] = _SAFETENSORS_DTYPES.get(s.get_dtype())
         else:
-            shapes.update({k: tuple(t.shape) for k, t in _load_bin(file).items()})
-    return shapes
+            for k, t in _load_bin(file).items():
+                if k in location:
+                    shapes[k], dtypes[k] = tuple(t.shape), t.dtype
+    return shapes, dtypes
 
 
 def _names(names: list[str], most: int = 12) -> str:
@@ -127,13 +143,17 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
     (float32). device: where the weights go (default CPU)."""
     directory = Path(directory)
     config = LlamaConfig.from_pretrained(directory)
+    # "auto" and config.json names no dtype: the checkpoint tensors' own, as transformers does.
+    auto_from_tensors = isinstance(dtype, str) and dtype == "auto" and not config.torch_dtype
+    dtype = _resolve_dtype(dtype, config)  # a bad argument fails before any weight file is opened
     location = {k: f for k, f in weight_files(directory).items() if not k.endswith(DROPPED_SUFFIXES)}
-    shapes = _shapes(location)
+    shapes, dtypes = _shapes_and_dtypes(location)
+    if auto_from_tensors:
+        dtype = next((d for d in dtypes.values() if d is not None and d.is_floating_point), dtype)
     if "lm_head.weight" not in shapes and not config.tie_word_embeddings:
         config.tie_word_embeddings = True  # no separate output matrix: the embeddings serve as it
-    dtype = _resolve_dtype(dtype, config)
 
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = LlamaForCausalLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
@@ -152,6 +172,25 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config.torch_dtype = _dtype_name(dtype)
     return model.set_attn_implementation(attn_implementation).eval()
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skip the random init that nn.Linear / nn.Embedding run in their constructors on meta tensors.
+
+    It computes nothing there, but torch's meta kernel for normal_ imports sympy and torch._dynamo
+    on first use: ~75 MB of resident memory and ~1 s, more than a small model's weights."""
+
+    _OPS = {"normal_", "uniform_", "zero_", "fill_", "constant_", "ones_", "zeros_", "trunc_normal_",
+            "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in self._OPS:
+            # Tensor.normal_(t, ...) passes the tensor first; torch.nn.init.normal_ as tensor=t.
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
 
 
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
@@ -183,7 +222,7 @@ def _check_names_and_shapes(directory, expected: dict, found: dict) -> None:
 def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
     if dtype is None:
         return torch.float32
-    if dtype == "auto":
+    if isinstance(dtype, str) and dtype == "auto":
         return DTYPES.get(config.torch_dtype or "float32", torch.float32)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -209,8 +248,9 @@ def parse_size(size) -> int:
     """5_000_000, "5GB", "500MiB" -> bytes (decimal units as transformers uses them)."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(size).upper())
-    if not m or float(m.group(1)) <= 0:
+    m = None if isinstance(size, (bool, int)) else re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*",
+                                                               str(size).upper())
+    if not m or int(float(m.group(1)) * _UNITS[m.group(2)]) < 1:
         raise ValueError(f"max_shard_size {size!r} is not a size such as 5GB, 500MB or a byte count")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
@@ -220,7 +260,6 @@ def save_pretrained(model: LlamaForCausalLM, directory, max_shard_size="5GB") ->
     model.safetensors.index.json) in the layout transformers.from_pretrained reads."""
     limit = parse_size(max_shard_size)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embeddings
@@ -237,33 +276,55 @@ def save_pretrained(model: LlamaForCausalLM, directory, max_shard_size="5GB") ->
 
     n = len(shards)
     names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for name, shard in zip(names, shards):
-        _atomic_save_safetensors({k: v.cpu() for k, v in shard.items()}, directory / name)
     config = LlamaConfig.from_dict(model.config.to_dict())
     config.torch_dtype = _dtype_name(model.dtype)
     config.extra.setdefault("architectures", ["LlamaForCausalLM"])
-    config.save_pretrained(directory)
+    texts = {"config.json": json.dumps(config.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"}
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        atomic_write_text(directory / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        texts[SAFE_INDEX] = json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+    # Every file goes to a temp name first; only when all are written are they renamed into place,
+    # so a save that fails (disk full, Ctrl-C) leaves the folder as it was, with no temp files.
+    created = make_dir(directory)
+    pending: list[tuple[Path, Path]] = []
+    try:
+        for name, shard in zip(names, shards):
+            tmp = temp_path(directory / name)
+            pending.append((tmp, directory / name))
+            save_file({k: v.cpu() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, new_file_mode())  # safetensors creates its files 0600
+            _fsync_file(tmp)
+        for name, text in texts.items():
+            tmp = temp_path(directory / name)
+            pending.append((tmp, directory / name))
+            with open(tmp, "x", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        while pending:  # shards, then config.json, then the index that points at the shards
+            tmp, final = pending[0]
+            if final.name == "config.json" and n == 1:
+                # An old index outranks the new single file; it goes once that file is in place
+                # (until then it still describes the old shards, which are all still there).
+                (directory / SAFE_INDEX).unlink(missing_ok=True)
+            os.replace(tmp, final)
+            pending.pop(0)
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        remove_if_empty(directory, created)
+        raise
     # Remove what an earlier save left that would now mislead a loader.
     for stale in directory.iterdir():
-        if (stale.name not in names and (_SHARD_RE.match(stale.name) or stale.name == SAFE_SINGLE)) or \
-                (n == 1 and stale.name == SAFE_INDEX):
+        if stale.name not in names and (_SHARD_RE.match(stale.name) or stale.name == SAFE_SINGLE):
             stale.unlink()
+    fsync_dir(directory)
     return directory
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
