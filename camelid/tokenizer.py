@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -244,6 +245,11 @@ class Tokenizer:
         if isinstance(backend, _Tiktoken):
             tokens["bos_token"] = tokens["bos_token"] or "<|begin_of_text|>"
             tokens["eos_token"] = tokens["eos_token"] or "<|end_of_text|>"
+        elif isinstance(backend, _SentencePiece):  # the model file names its own specials
+            sp = backend.sp
+            for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
+                if tokens[name] is None and i >= 0:
+                    tokens[name] = sp.id_to_piece(i)
         template = config.get("chat_template")
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
@@ -410,24 +416,72 @@ class Tokenizer:
         return BatchEncoding(out)
 
     # ------------------------------------------------------------------ chat
+    def special_tokens(self) -> list[str]:
+        """The text of every control token, longest first."""
+        texts = {self.backend.id_to_token(i) for i in self.backend.special_ids}
+        return sorted((t for t in texts if t), key=len, reverse=True)
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
                             return_tensors: str | None = None, return_dict: bool = False,
-                            chat_template: str | None = None, **kwargs):
-        """Render `messages` with the model's Jinja template (sandboxed, see chat.py)."""
+                            chat_template: str | None = None, parse_special_in_messages: bool = False,
+                            **kwargs):
+        """Render `messages` with the model's Jinja template (sandboxed, see chat.py).
+
+        Control-token text that a user typed inside a message ("<|im_end|>") stays plain text
+        unless parse_special_in_messages=True; the template's own control tokens are parsed."""
         from .chat import render_chat
 
         template = chat_template or self.chat_template
         if not template:
             raise ValueError("this tokenizer has no chat_template; pass chat_template=...")
+        specials = [] if parse_special_in_messages else self.special_tokens()
+        messages, literals = _shield_specials(messages, specials)
         text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                           pad_token=self.pad_token or "", unk_token=self.unk_token or "", **kwargs)
         if not tokenize:
-            return text
-        ids = self.encode(text, add_special_tokens=False)
+            return _unshield(text, literals)
+        ids = []
+        for k, piece in enumerate(_SHIELD.split(text)):  # even pieces: template text; odd: literal ids
+            ids += self.encode(piece, add_special_tokens=False) if k % 2 == 0 else \
+                self.encode(literals[int(piece)], add_special_tokens=False, parse_special=False)
+        if self.bos_token_id is not None and ids[:2] == [self.bos_token_id] * 2:
+            ids = ids[1:]  # a template that writes BOS on a tokenizer that adds it: keep one
         if return_dict:
-            return self([text], add_special_tokens=False, return_tensors=return_tensors) if return_tensors \
-                else BatchEncoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
+            out = BatchEncoding({"input_ids": [ids], "attention_mask": [[1] * len(ids)]})
+            return BatchEncoding({k: torch.tensor(v) for k, v in out.items()}) if return_tensors == "pt" else \
+                BatchEncoding({k: v[0] for k, v in out.items()})
         return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+
+# Private-use code points mark user-typed control-token text while the template renders.
+_SHIELD_OPEN, _SHIELD_CLOSE = "\U000F0000", "\U000F0001"
+_SHIELD = re.compile(f"{_SHIELD_OPEN}(\\d+){_SHIELD_CLOSE}")
+
+
+def _shield_specials(messages, specials):
+    if not specials:
+        return messages, []
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    literals: list[str] = []
+
+    def shield(text):
+        def mark(m):
+            literals.append(m.group(0))
+            return f"{_SHIELD_OPEN}{len(literals) - 1}{_SHIELD_CLOSE}"
+        return pattern.sub(mark, text)
+
+    out = []
+    for m in messages:
+        m = dict(m) if isinstance(m, dict) else m
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            m["content"] = shield(m["content"])
+        out.append(m)
+    return out, literals
+
+
+def _unshield(text, literals):
+    return _SHIELD.sub(lambda m: literals[int(m.group(1))], text) if literals else text
 
 
 def _tokenizer_model(path: Path):

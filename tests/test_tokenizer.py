@@ -1,0 +1,217 @@
+"""Tokenizer parity with independent references on a 300+ string corpus, and the transformers API."""
+
+import base64
+import json
+
+import pytest
+import torch
+
+from camelid.tokenizer import IncrementalDecoder, Tokenizer
+from corpus import corpus
+
+CORPUS = corpus()
+
+
+def test_corpus_is_large_enough():
+    assert len(CORPUS) >= 300
+
+
+# ---------------------------------------------------------------------- the real model (GGUF vocab)
+
+def test_gguf_tokenizer_matches_llama_cpp(smollm2_gguf, smollm2_tokenizer):
+    """llama.cpp is the reference for a GGUF's tokenizer (pre-tokenizer 'smollm' included)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
+    bad = [s for s in CORPUS if smollm2_tokenizer.encode(s) != ref.tokenize(s.encode(), add_bos=False, special=True)]
+    assert bad == []
+
+
+@pytest.fixture(scope="module")
+def hf_real_pretokenizer(hf_smollm2_tokenizer):
+    """transformers' tokenizer with SmolLM2's own pre-tokenizer (its tokenizer.json: digits one by
+    one, then byte-level). transformers' GGUF loader does not map the file's 'smollm' pre-tokenizer."""
+    from tokenizers import pre_tokenizers
+
+    import copy
+    tok = copy.deepcopy(hf_smollm2_tokenizer)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return tok
+
+
+def test_ids_match_transformers_on_corpus(smollm2_tokenizer, hf_real_pretokenizer):
+    bad = [s for s in CORPUS if smollm2_tokenizer.encode(s) != hf_real_pretokenizer.encode(s)]
+    assert bad == []
+
+
+def test_only_digit_strings_differ_from_transformers_gguf_loader(smollm2_tokenizer, hf_smollm2_tokenizer):
+    """Where transformers' own GGUF loader differs, it is its missing digit rule, nothing else."""
+    differ = [s for s in CORPUS if smollm2_tokenizer.encode(s) != hf_smollm2_tokenizer.encode(s)]
+    assert all(any(c.isnumeric() for c in s) for s in differ)
+    assert len(differ) < len(CORPUS) // 4
+
+
+def test_decode_encode_round_trip(smollm2_tokenizer):
+    bad = [s for s in CORPUS if smollm2_tokenizer.decode(smollm2_tokenizer.encode(s)) != s]
+    assert bad == []
+
+
+def test_special_ids_and_eos_list(smollm2_tokenizer):
+    t = smollm2_tokenizer
+    assert (t.bos_token, t.eos_token, t.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (t.bos_token_id, t.eos_token_id, t.pad_token_id) == (1, 2, 2)
+    assert t.eos_token_ids == [2] and len(t) == t.vocab_size == 49152
+    assert t.encode("<|im_start|>") == [1]
+    assert 1 not in t.encode("<|im_start|>", parse_special=False)
+
+
+def test_batch_call_pads_left_and_batch_decode(smollm2_tokenizer):
+    t = smollm2_tokenizer
+    prompts = ["The capital of France is", "Hi"]
+    batch = t(prompts, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch.attention_mask
+    assert ids.shape == mask.shape and ids.dtype == torch.long
+    short = len(t.encode("Hi"))
+    assert mask[1].tolist() == [0] * (ids.shape[1] - short) + [1] * short  # left padding
+    assert ids[1, 0].item() == t.pad_token_id
+    assert t.batch_decode(ids, skip_special_tokens=True) == prompts
+    right = t(prompts, padding=True, padding_side="right", return_tensors="pt")
+    assert right.attention_mask[1, 0] == 1 and right.attention_mask[1, -1] == 0
+    assert t(prompts, padding="max_length", max_length=12, return_tensors="pt")["input_ids"].shape == (2, 12)
+    assert t(prompts, truncation=True, max_length=2)["input_ids"][0] == t.encode(prompts[0])[:2]
+    assert t("Hi")["input_ids"] == t.encode("Hi")
+    assert batch.to("cpu")["input_ids"] is not None
+
+
+def test_bad_calls_are_clear_errors(smollm2_tokenizer):
+    t = smollm2_tokenizer
+    with pytest.raises(ValueError, match="token id 49152 is outside the vocabulary"):
+        t.decode([5, 49152])
+    with pytest.raises(ValueError, match="token id -1"):
+        t.decode([-1])
+    with pytest.raises(ValueError, match="padding=True"):
+        t(["a", "a b c"], return_tensors="pt")
+    with pytest.raises(ValueError, match="padding_side"):
+        t(["a"], padding=True, padding_side="middle")
+    with pytest.raises(ValueError, match="return_tensors 'np'"):
+        t("a", return_tensors="np")
+    with pytest.raises(TypeError, match="str"):
+        t.encode(123)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        t.pad_token = "<no such token>"
+
+
+def test_incremental_decoder_never_emits_half_a_character(smollm2_tokenizer):
+    t = smollm2_tokenizer
+    for text in ["emoji 😀👍🏽 ok 🇫🇷", "日本語のテキスト、中文测试。", "plain ascii text, with words", "é" * 7]:
+        ids = t.encode(text)
+        dec = IncrementalDecoder(t)
+        pieces = [dec.add(i) for i in ids] + [dec.flush()]
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in p for p in pieces)
+    # a byte-level token that holds part of a character yields nothing until it completes
+    ids = t.encode("😀")
+    assert len(ids) > 1
+    dec = IncrementalDecoder(t)
+    assert [dec.add(i) for i in ids][:-1] == [""] * (len(ids) - 1)
+
+
+# ---------------------------------------------------------------------- other backends
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("spm")
+    text = d / "train.txt"
+    text.write_text("\n".join(CORPUS[:80] * 3 + ["the quick brown fox jumps over the lazy dog"] * 50), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(d / "tokenizer"), vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    return d / "tokenizer.model", spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+
+
+def test_sentencepiece_model_file(spm_model, tmp_path):
+    path, sp = spm_model
+    (tmp_path / "tokenizer.model").write_bytes(path.read_bytes())
+    tok = Tokenizer.from_pretrained(tmp_path)
+    for s in CORPUS:
+        assert tok.encode(s) == [1] + sp.encode(s)  # Llama 1/2 prepend BOS
+        assert tok.decode(tok.encode(s), skip_special_tokens=True) == sp.decode(sp.encode(s))
+
+
+def test_gguf_llama_spm_vocab_matches_sentencepiece(spm_model):
+    """A GGUF 'llama' vocabulary (pieces + scores, no merges) tokenizes as SentencePiece does."""
+    _, sp = spm_model
+    n = sp.get_piece_size()
+    types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+              "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": types,
+              "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+              "tokenizer.ggml.unknown_token_id": 0}
+    tok = Tokenizer.from_gguf(fields)
+    assert tok.add_bos_token and tok.bos_token_id == 1
+    mismatched = [s for s in CORPUS if tok.encode(s, add_special_tokens=False, parse_special=False) != sp.encode(s)]
+    assert mismatched == []
+    assert all(tok.decode(sp.encode(s)) == sp.decode(sp.encode(s)) for s in CORPUS)
+
+
+def test_tiktoken_llama3_format(tmp_path):
+    tiktoken = pytest.importorskip("tiktoken")
+    from camelid.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL
+
+    ranks = {bytes([b]): b for b in range(256)}
+    for word in [b"th", b"he", b"the", b" the", b"in", b"ing", b" a", b"er", b" t", b"re", b"on"]:
+        ranks.setdefault(word, len(ranks))
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL)}
+    ref = tiktoken.Encoding("ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    assert tok.bos_token == "<|begin_of_text|>" and tok.bos_token_id == len(ranks)
+    for s in CORPUS[:120]:
+        assert tok.encode(s, add_special_tokens=False) == ref.encode(s, disallowed_special=())
+        assert tok.decode(tok.encode(s), skip_special_tokens=True) == s
+    assert tok.encode("<|eot_id|>", add_special_tokens=False) == [special["<|eot_id|>"]]
+
+
+def test_tiktoken_file_with_a_bad_line_names_it(tmp_path):
+    (tmp_path / "tokenizer.model").write_text("YQ== 0\nnot-base64!! 1\n")
+    with pytest.raises(ValueError, match="tokenizer.model:2"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_tokenizer_json_folder_with_configs(tmp_path, hf_real_pretokenizer):
+    hf_real_pretokenizer.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert all(tok.encode(s) == hf_real_pretokenizer.encode(s) for s in CORPUS)
+    assert tok.eos_token_ids == [0, 2] and tok.bos_token_id == 1
+    assert tok.chat_template == hf_real_pretokenizer.chat_template
+
+
+def test_missing_and_broken_tokenizer_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match="neither a SentencePiece model nor tiktoken"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_gguf_vocab_errors():
+    with pytest.raises(ValueError, match="no tokenizer.ggml.tokens"):
+        Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2"})
+    with pytest.raises(ValueError, match="pre-tokenizer 'mystery'"):
+        Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"],
+                             "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "mystery"})
+    with pytest.raises(ValueError, match="tokenizer model 'wordpiece'"):
+        Tokenizer.from_gguf({"tokenizer.ggml.model": "wordpiece", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(ValueError, match="bos_token_id 7 is outside"):
+        Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"],
+                             "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 7})
