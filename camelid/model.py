@@ -343,11 +343,12 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "LlamaForCausalLM":
-        """Load a checkpoint folder (see camelid.formats.load_pretrained for the options)."""
+    def from_pretrained(cls, name_or_path=None, **kwargs) -> "LlamaForCausalLM":
+        """Load a checkpoint: HF folder, .gguf file, packaged model name (the default model when
+        None) or HF repo id. Options: see camelid.formats.load_pretrained."""
         from .formats import load_pretrained  # loaders build this class, so they import it, not vice versa
 
-        return load_pretrained(path, **kwargs)
+        return load_pretrained(name_or_path, **kwargs)
 
     def save_pretrained(self, directory, **kwargs):
         from .formats.hf import save_pretrained

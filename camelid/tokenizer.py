@@ -221,10 +221,20 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path) -> "Tokenizer":
+    def from_pretrained(cls, path=None) -> "Tokenizer":
+        """A folder (tokenizer.json | tokenizer.model + configs), a .gguf file (or a folder with
+        one), a packaged model name (the default model when None), or a HF repo id."""
+        from .hub import DEFAULT_MODEL, resolve
+
+        if path is None or (not Path(path).exists() and not str(path).startswith((".", "/"))):
+            path = resolve(DEFAULT_MODEL if path is None else path)
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"tokenizer path {str(path)!r} does not exist")
+        if path.is_dir() and not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                path = ggufs[0]
         if path.is_file() and path.suffix == ".gguf":
             return cls.from_gguf(path)
         if path.is_file():

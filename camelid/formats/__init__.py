@@ -1,30 +1,48 @@
 """Checkpoint formats, side by side: each turns files into (LlamaConfig, tensors) and a model.
 
-hf.py   Hugging Face folders (config.json + safetensors / pytorch_model.bin)
+hf.py         Hugging Face folders (config.json + safetensors / pytorch_model.bin)
+gguf.py       llama.cpp GGUF files (gguf_file.py is the checked parser)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .hf import CheckpointError, load_hf, save_pretrained
+from .hf import DTYPES, CheckpointError, load_hf, save_pretrained
 
 
-def load_pretrained(path, dtype=None, device=None, torch_dtype=None, attn_implementation: str = "sdpa"):
-    """Load a model from a checkpoint path, choosing the format from what is there.
+def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None,
+                    attn_implementation: str = "sdpa"):
+    """Load a model, choosing the format from what is there.
 
+    name_or_path: a HF folder, a .gguf file (or a folder holding one), a packaged model name
+    ("smollm2-135m-instruct", the default when None), or a Hugging Face repo id "org/name".
     dtype (alias torch_dtype, as transformers spells it): torch dtype, its name, "auto" for the
     checkpoint's own, or None for float32. device: "cpu", "cuda", "cuda:1", ...
     """
-    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-        raise ValueError("pass dtype or torch_dtype, not both")
+    from ..hub import DEFAULT_MODEL, resolve
+
+    if dtype is not None and torch_dtype is not None and DTYPES.get(dtype, dtype) != DTYPES.get(torch_dtype,
+                                                                                               torch_dtype):
+        raise ValueError(f"pass dtype or torch_dtype, not both: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
     dtype = dtype if dtype is not None else torch_dtype
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    path = resolve(DEFAULT_MODEL if name_or_path is None else name_or_path)
+    kwargs = dict(dtype=dtype, device=device, attn_implementation=attn_implementation)
     if path.is_dir() and (path / "config.json").is_file():
-        return load_hf(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    raise CheckpointError(f"{path}: not a checkpoint camelid can read (expected a folder with config.json)")
+        return load_hf(path, **kwargs)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        elif len(ggufs) > 1:
+            raise CheckpointError(f"{path}: several .gguf files ({', '.join(g.name for g in ggufs)}); name one")
+    if path.is_file():
+        from .gguf import is_gguf, load_gguf
+
+        if is_gguf(path):
+            return load_gguf(path, **kwargs)
+    raise CheckpointError(f"{path}: not a checkpoint camelid can read (expected a folder with config.json, "
+                          f"or a .gguf file)")
 
 
 __all__ = ["CheckpointError", "load_hf", "load_pretrained", "save_pretrained"]
