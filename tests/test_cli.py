@@ -32,3 +32,29 @@ def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "camelid.cli", "info", "smollm2-135m"],
                          capture_output=True, text=True, check=True).stdout
     assert "134,515,008" in out
+
+
+def test_convert_gguf_to_hf_checks_logits(tmp_path, smollm2_gguf, capsys):
+    transformers = __import__("pytest").importorskip("transformers")
+    import torch
+
+    from camelid import LlamaForCausalLM
+
+    assert main(["convert", str(smollm2_gguf), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert "max |logit diff| 0 " in capsys.readouterr().out
+    names = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (hf(ids).logits - LlamaForCausalLM.from_pretrained(smollm2_gguf)(ids).logits).abs().max()
+    assert diff == 0
+
+
+def test_convert_bad_input(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    assert "not a file, a folder" in capsys.readouterr().err
+    assert main(["convert", "x", str(tmp_path / "out"), "--to", "hf", "--dtype", "q8_0"]) == 2
+    assert "--dtype 'q8_0' is not one of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
