@@ -2,6 +2,7 @@
 
 hf.py         Hugging Face folders (config.json + safetensors / pytorch_model.bin)
 gguf.py       llama.cpp GGUF files (gguf_file.py is the checked parser)
+meta.py       Meta's original layout (params.json + consolidated.NN.pth)
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
     kwargs = dict(dtype=dtype, device=device, attn_implementation=attn_implementation)
     if path.is_dir() and (path / "config.json").is_file():
         return load_hf(path, **kwargs)
+    if path.is_dir() and (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
+        from .meta import load_meta
+
+        return load_meta(path, **kwargs)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -42,7 +47,7 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
         if is_gguf(path):
             return load_gguf(path, **kwargs)
     raise CheckpointError(f"{path}: not a checkpoint camelid can read (expected a folder with config.json, "
-                          f"or a .gguf file)")
+                          f"a Meta folder with params.json + consolidated.*.pth, or a .gguf file)")
 
 
 __all__ = ["CheckpointError", "load_hf", "load_pretrained", "save_pretrained"]
