@@ -122,7 +122,7 @@ class _Tiktoken:
 # llama.cpp pre-tokenizer name -> regexes applied in order (from llama.cpp's llama-vocab.cpp table)
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 GGUF_PRE = {
-    "default": [GPT2_PATTERN], "gpt2": [GPT2_PATTERN],
+    "default": [GPT2_PATTERN], "gpt2": [GPT2_PATTERN], "gpt-2": [GPT2_PATTERN],
     "llama-bpe": [LLAMA3_PATTERN], "llama3": [LLAMA3_PATTERN], "llama-v3": [LLAMA3_PATTERN],
     # digits one by one, then GPT-2's split
     "smollm": [r"\p{N}", GPT2_PATTERN], "starcoder": [r"\p{N}", GPT2_PATTERN],
@@ -299,13 +299,16 @@ class Tokenizer:
             return tokens[i]
 
         kind = fields.get("tokenizer.ggml.model")
-        return cls(backend, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
+        tokenizer = cls(backend, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    pad_token=tok("padding_token_id"), unk_token=tok("unknown_token_id"),
                    add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama")),
                    add_eos_token=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
                    chat_template=fields.get("tokenizer.chat_template"),
                    extra_eos_token_ids=[fields.get("tokenizer.ggml.eot_token_id"),
                                         fields.get("tokenizer.ggml.eom_token_id")])
+        # kept so save_gguf can write the vocabulary back exactly (token types, space prefix, ...)
+        tokenizer.gguf_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+        return tokenizer
 
     # ------------------------------------------------------------------ ids of special tokens
     def convert_tokens_to_ids(self, token):

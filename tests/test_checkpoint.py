@@ -464,13 +464,13 @@ def test_file_truncated_between_checking_and_reading(saved, monkeypatch):
     """E.g. a download still being written: the data read must be checked again, not trusted."""
     directory, _ = saved
     path = directory / "model.safetensors"
-    check = hf._check_names_and_shapes
+    check = hf.check_names_and_shapes
 
     def check_then_truncate(*args):
         check(*args)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    monkeypatch.setattr(hf, "_check_names_and_shapes", check_then_truncate)
+    monkeypatch.setattr(hf, "check_names_and_shapes", check_then_truncate)
     with pytest.raises(CheckpointError, match=rf"{path}: cannot read tensor data"):
         load_pretrained(directory)
 

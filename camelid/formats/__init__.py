@@ -50,4 +50,13 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
                           f"a Meta folder with params.json + consolidated.*.pth, or a .gguf file)")
 
 
-__all__ = ["CheckpointError", "load_hf", "load_pretrained", "save_pretrained"]
+
+
+def save_gguf(model, path, dtype: str = "f16", tokenizer=None):
+    """Write `model` as a GGUF file llama.cpp loads (see camelid.formats.gguf.save_gguf)."""
+    from .gguf import save_gguf as _save_gguf
+
+    return _save_gguf(model, path, dtype=dtype, tokenizer=tokenizer)
+
+
+__all__ = ["CheckpointError", "load_hf", "load_pretrained", "save_gguf", "save_pretrained"]

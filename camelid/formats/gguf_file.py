@@ -25,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; a bound keeps a crafted file from recursing
 
 # value type -> (struct format, numpy dtype); 8 = string, 9 = array
 _SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
@@ -63,7 +64,11 @@ class GGUFFile:
         self._pos = 0
         self.fields: dict[str, object] = {}
         self.tensors: dict[str, GGUFTensor] = {}
-        self._parse()
+        try:
+            self._parse()
+        except BaseException:
+            self.close()  # do not keep the file mapped (or open on Windows) after rejecting it
+            raise
 
     # ------------------------------------------------------------------ primitive reads
     def _fail(self, what: str):
@@ -87,7 +92,7 @@ class GGUFFile:
         except UnicodeDecodeError:
             self._fail(f"{what} is not valid UTF-8")
 
-    def _value(self, vtype: int, what: str):
+    def _value(self, vtype: int, what: str, depth: int = 0):
         if vtype in _SCALARS:
             return self._scalar(_SCALARS[vtype][0], what)
         if vtype == STRING:
@@ -104,9 +109,11 @@ class GGUFFile:
                     self._fail(f"{what} declares {count} strings, more than the file can hold")
                 return [self._string(f"{what}[{i}]") for i in range(count)]
             if etype == ARRAY:
+                if depth + 1 >= MAX_NESTING:
+                    self._fail(f"{what} nests arrays more than {MAX_NESTING} deep")
                 if count * 12 > len(self._buf) - self._pos:
                     self._fail(f"{what} declares {count} nested arrays, more than the file can hold")
-                return [self._value(ARRAY, f"{what}[{i}]") for i in range(count)]
+                return [self._value(ARRAY, f"{what}[{i}]", depth + 1) for i in range(count)]
             self._fail(f"{what} has unknown array element type {etype}")
         self._fail(f"{what} has unknown value type {vtype}")
 
@@ -122,7 +129,8 @@ class GGUFFile:
         n_kv = self._scalar("<Q", "metadata count")
         # every key-value needs >= 12 bytes (key length + type), every tensor info >= 24
         if n_kv * 12 + n_tensors * 24 > len(self._buf) - self._pos:
-            self._fail(f"header declares {n_kv} metadata entries and {n_tensors} tensors, more than the file holds")
+            self._fail(f"header declares {n_kv} metadata entries and {n_tensors} tensors, more than the "
+                       f"{len(self._buf) - self._pos} bytes after it can hold (truncated or corrupt)")
         for i in range(n_kv):
             key = self._string(f"metadata key #{i}")
             if key in self.fields:
@@ -162,9 +170,12 @@ class GGUFFile:
                                 f"the {qtype.name} block size {block}")
             nbytes = n // block * type_size
             start = data_start + offset
-            if offset % alignment or start + nbytes > size:
+            if offset % alignment:
+                raise GGUFError(f"{self.path}: tensor {name!r} data offset {offset} is not a multiple of the "
+                                f"alignment {alignment}")
+            if start + nbytes > size:
                 raise GGUFError(f"{self.path}: tensor {name!r} data [{start}, {start + nbytes}) lies past the "
-                                f"end of the file ({size} bytes) or is misaligned")
+                                f"end of the file ({size} bytes; truncated or corrupt)")
             row_bytes = dims[0] // block * type_size
             raw = np.frombuffer(self._map, dtype=np.uint8, count=nbytes, offset=start)
             shape = tuple(reversed(dims))
@@ -172,8 +183,8 @@ class GGUFFile:
 
     def close(self) -> None:
         self.tensors.clear()
-        self._buf.release()
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a zero-copy tensor; the map closes with it
-            pass
+        for release in (self._buf.release, self._map.close):
+            try:
+                release()
+            except BufferError:  # a caller still holds a zero-copy tensor; the map closes with it
+                pass

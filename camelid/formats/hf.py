@@ -20,18 +20,13 @@ from safetensors.torch import save_file
 
 from ..config import LlamaConfig, fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
 from ..model import LlamaForCausalLM
+from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model,
+                     finish, list_names, resolve_dtype)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters saved; recomputed here
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint's files or tensors do not match its config. The message names them."""
+DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters saved; recomputed here
 
 
 # ---------------------------------------------------------------------- reading: which tensors where
@@ -61,7 +56,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
         wrong = sorted(n for n, f in shard_of.items() if location.get(n) != f)
         if wrong:
             raise CheckpointError(f"{directory / index_name}: tensors not in the shard the index names: "
-                                  f"{_names(wrong)}")
+                                  f"{list_names(wrong)}")
     return location
 
 
@@ -131,11 +126,6 @@ def _shapes_and_dtypes(location: dict[str, Path]) -> tuple[dict[str, tuple[int, 
     return shapes, dtypes
 
 
-def _names(names: list[str], most: int = 12) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
 # ---------------------------------------------------------------------- loading
 
 def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
@@ -145,7 +135,7 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
     config = LlamaConfig.from_pretrained(directory)
     # "auto" and config.json names no dtype: the checkpoint tensors' own, as transformers does.
     auto_from_tensors = isinstance(dtype, str) and dtype == "auto" and not config.torch_dtype
-    dtype = _resolve_dtype(dtype, config)  # a bad argument fails before any weight file is opened
+    dtype = resolve_dtype(dtype, config)  # a bad argument fails before any weight file is opened
     location = {k: f for k, f in weight_files(directory).items() if not k.endswith(DROPPED_SUFFIXES)}
     shapes, dtypes = _shapes_and_dtypes(location)
     if auto_from_tensors:
@@ -153,44 +143,17 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
     if "lm_head.weight" not in shapes and not config.tie_word_embeddings:
         config.tie_word_embeddings = True  # no separate output matrix: the embeddings serve as it
 
-    with torch.device("meta"), _SkipInit():
-        model = LlamaForCausalLM(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-        if "lm_head.weight" in shapes:  # some exporters store the tied copy too
-            location.pop("lm_head.weight"), shapes.pop("lm_head.weight")
-    _check_names_and_shapes(directory, expected, shapes)
+    model, expected = empty_model(config)
+    if config.tie_word_embeddings and "lm_head.weight" in shapes:  # some exporters store the tied copy too
+        location.pop("lm_head.weight"), shapes.pop("lm_head.weight")
+    check_names_and_shapes(directory, expected, shapes)
 
     device = torch.device(device or "cpu")
     for file in sorted(set(location.values())):
-        tensors = _read_file(file)
-        state = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items() if k in expected}
-        model.load_state_dict(state, strict=False, assign=True)
-        del tensors, state
-    if config.tie_word_embeddings:  # assign=True replaced the embedding Parameter: re-tie
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.config.torch_dtype = _dtype_name(dtype)
-    return model.set_attn_implementation(attn_implementation).eval()
-
-
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """Skip the random init that nn.Linear / nn.Embedding run in their constructors on meta tensors.
-
-    It computes nothing there, but torch's meta kernel for normal_ imports sympy and torch._dynamo
-    on first use: ~75 MB of resident memory and ~1 s, more than a small model's weights."""
-
-    _OPS = {"normal_", "uniform_", "zero_", "fill_", "constant_", "ones_", "zeros_", "trunc_normal_",
-            "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", None) in self._OPS:
-            # Tensor.normal_(t, ...) passes the tensor first; torch.nn.init.normal_ as tensor=t.
-            target = args[0] if args else kwargs.get("tensor")
-            if isinstance(target, torch.Tensor) and target.is_meta:
-                return target
-        return func(*args, **kwargs)
+        for name, tensor in _read_file(file).items():
+            if name in expected:
+                assign(model, name, tensor.to(device=device, dtype=dtype))
+    return finish(model, dtype, attn_implementation)
 
 
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
@@ -201,40 +164,6 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read tensor data (truncated or corrupt?): {e}") from None
-
-
-def _check_names_and_shapes(directory, expected: dict, found: dict) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshapen = sorted(f"{k} {found[k]} (expected {expected[k]})" for k in set(expected) & set(found)
-                       if found[k] != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
-    if misshapen:
-        problems.append(f"tensors with the wrong shape: {_names(misshapen)}")
-    if problems:
-        raise CheckpointError(f"{directory}: checkpoint does not match its config.json; " + "; ".join(problems))
-
-
-def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str) and dtype == "auto":
-        return DTYPES.get(config.torch_dtype or "float32", torch.float32)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
-        return DTYPES[dtype]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
-    return dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------- saving
@@ -275,15 +204,15 @@ def save_pretrained(model: LlamaForCausalLM, directory, max_shard_size="5GB") ->
         size += nbytes
 
     n = len(shards)
-    names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shard_files = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     config = LlamaConfig.from_dict(model.config.to_dict())
-    config.torch_dtype = _dtype_name(model.dtype)
+    config.torch_dtype = dtype_name(model.dtype)
     config.extra.setdefault("architectures", ["LlamaForCausalLM"])
     texts = {"config.json": json.dumps(config.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"}
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+                 "weight_map": {k: name for name, shard in zip(shard_files, shards) for k in shard}}
         texts[SAFE_INDEX] = json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     # Every file goes to a temp name first; only when all are written are they renamed into place,
@@ -291,7 +220,7 @@ def save_pretrained(model: LlamaForCausalLM, directory, max_shard_size="5GB") ->
     created = make_dir(directory)
     pending: list[tuple[Path, Path]] = []
     try:
-        for name, shard in zip(names, shards):
+        for name, shard in zip(shard_files, shards):
             tmp = temp_path(directory / name)
             pending.append((tmp, directory / name))
             save_file({k: v.cpu() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
@@ -319,7 +248,7 @@ def save_pretrained(model: LlamaForCausalLM, directory, max_shard_size="5GB") ->
         raise
     # Remove what an earlier save left that would now mislead a loader.
     for stale in directory.iterdir():
-        if stale.name not in names and (_SHARD_RE.match(stale.name) or stale.name == SAFE_SINGLE):
+        if stale.name not in shard_files and (_SHARD_RE.match(stale.name) or stale.name == SAFE_SINGLE):
             stale.unlink()
     fsync_dir(directory)
     return directory

@@ -41,7 +41,8 @@ import torch
 
 from ..config import ConfigError, LlamaConfig
 from ..model import LlamaForCausalLM
-from .hf import DTYPES, CheckpointError, _dtype_name, _names, _resolve_dtype, _SkipInit
+from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model, finish,
+                     list_names, natural_key, resolve_dtype)
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -235,7 +236,7 @@ def meta_config(params: dict, shapes: dict[str, tuple[int, ...]] | None = None, 
         rope_theta=float(params["rope_theta"]) if params.get("rope_theta") is not None else 10000.0,
         rope_scaling=rope_scaling, max_position_embeddings=params.get("max_seq_len") or max_len,
         tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None,
-        torch_dtype=_dtype_name(dtype) if dtype is not None and dtype in DTYPES.values() else None,
+        torch_dtype=dtype_name(dtype) if dtype is not None and dtype in DTYPES.values() else None,
         extra={"architectures": ["LlamaForCausalLM"]},
     )
     try:
@@ -349,8 +350,8 @@ def _shard_plan(files: list[Path], states: list[dict], dim: int) -> tuple[dict, 
     for file, state in zip(files[1:], states[1:]):
         if set(state) != names:
             only_0, only_k = sorted(names - set(state)), sorted(set(state) - names)
-            parts = [f"missing from {file.name}: {_names(only_0)}" if only_0 else "",
-                     f"only in {file.name}: {_names(only_k)}" if only_k else ""]
+            parts = [f"missing from {file.name}: {list_names(only_0)}" if only_0 else "",
+                     f"only in {file.name}: {list_names(only_k)}" if only_k else ""]
             raise CheckpointError(f"{file.parent}: shards hold different tensors ("
                                   + "; ".join(p for p in parts if p) + f", compared with {files[0].name})")
     join, shapes, dtypes = {}, {}, set()
@@ -380,27 +381,6 @@ def _shard_plan(files: list[Path], states: list[dict], dim: int) -> tuple[dict, 
     return join, shapes, dtype
 
 
-def _check_names_and_shapes(directory: Path, expected: dict, found: dict) -> None:
-    """As hf's check, in Meta's names (the ones in the files the user has)."""
-    missing = sorted(set(expected) - set(found), key=_natural)
-    unexpected = sorted(set(found) - set(expected), key=_natural)
-    misshapen = sorted((f"{k} {found[k]} (expected {expected[k]})" for k in set(expected) & set(found)
-                        if found[k] != expected[k]), key=_natural)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
-    if misshapen:
-        problems.append(f"tensors with the wrong shape: {_names(misshapen)}")
-    if problems:
-        raise CheckpointError(f"{directory}: checkpoint does not match its {PARAMS}; " + "; ".join(problems))
-
-
-def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
 def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """Load a Meta checkpoint folder. dtype: a torch dtype or its name, "auto" (the checkpoint's,
     usually bfloat16), or None (float32). device: where the weights go (default CPU)."""
@@ -415,19 +395,15 @@ def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sd
     for key, value in _special_token_ids(directory / TOKENIZER, config.vocab_size).items():
         setattr(config, key, value)
     config.validate()
-    dtype = _resolve_dtype(dtype, config)
+    dtype = resolve_dtype(dtype, config)
 
-    with torch.device("meta"), _SkipInit():
-        model = LlamaForCausalLM(config)
-    expected_hf = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected_hf.pop("lm_head.weight")
+    model, expected_hf = empty_model(config)
     expected = {meta_name(k): v for k, v in expected_hf.items()}
-    _check_names_and_shapes(directory, expected, shapes)
+    check_names_and_shapes(directory, expected, shapes, against=f"its {PARAMS}")  # in Meta's names
 
     device = torch.device(device or "cpu")
     heads = {"wq": config.num_attention_heads, "wk": config.num_key_value_heads}
-    for name in sorted(shapes, key=_natural):  # one tensor at a time: joined, converted, assigned
+    for name in sorted(shapes, key=natural_key):  # one tensor at a time: joined, converted, assigned
         pieces = [s[name] for s in states]
         if join[name] is None:
             for file, piece in zip(files[1:], pieces[1:]):
@@ -446,13 +422,10 @@ def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sd
             # it, so the model owns its weights. A mapped weight would change, or crash the
             # process (SIGBUS), when the file is rewritten or truncated while the model lives.
             w = w.clone()
-        model.load_state_dict({hf_name(name): w}, strict=False, assign=True)
+        assign(model, hf_name(name), w)
         del pieces, w
     del states
-    if config.tie_word_embeddings:  # assign=True replaced the embedding Parameter: re-tie
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.config.torch_dtype = _dtype_name(dtype)
-    return model.set_attn_implementation(attn_implementation).eval()
+    return finish(model, dtype, attn_implementation)
 
 
 def is_meta_checkpoint(path: Path) -> bool:

@@ -1,0 +1,112 @@
+"""What every checkpoint loader shares: dtype arguments, the name/shape check, and building the
+model on the meta device and assigning checkpoint tensors into it without extra copies."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..config import LlamaConfig
+from ..model import LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's files or tensors do not match its config. The message names them."""
+
+
+def resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
+    """None -> float32; "auto" -> the config's torch_dtype; a name or a floating torch dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype == "auto":
+        return DTYPES.get(config.torch_dtype or "float32", torch.float32)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def list_names(items: list[str], most: int = 12) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def natural_key(name: str):
+    """Sort "layers.2" before "layers.10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def check_names_and_shapes(source, expected: dict, found: dict, against: str = "its config.json") -> None:
+    """One error listing every missing, unexpected and misshapen tensor, in natural order."""
+    missing = sorted(set(expected) - set(found), key=natural_key)
+    unexpected = sorted(set(found) - set(expected), key=natural_key)
+    misshapen = sorted((f"{k} {found[k]} (expected {expected[k]})" for k in set(expected) & set(found)
+                        if found[k] != expected[k]), key=natural_key)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {list_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {list_names(unexpected)}")
+    if misshapen:
+        problems.append(f"tensors with the wrong shape: {list_names(misshapen)}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match {against}; " + "; ".join(problems))
+
+
+class SkipInit(torch.overrides.TorchFunctionMode):
+    """Skip the random init that nn.Linear / nn.Embedding run in their constructors on meta tensors.
+
+    It computes nothing there, but torch's meta kernel for normal_ imports sympy and torch._dynamo
+    on first use: ~75 MB of resident memory and 1-3 s, more than a small model's weights."""
+
+    _OPS = {"normal_", "uniform_", "zero_", "fill_", "constant_", "ones_", "zeros_", "trunc_normal_",
+            "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in self._OPS:
+            # Tensor.normal_(t, ...) passes the tensor first; torch.nn.init.normal_ as tensor=t.
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def empty_model(config: LlamaConfig) -> tuple[LlamaForCausalLM, dict[str, tuple[int, ...]]]:
+    """The model on the meta device (no memory, no init) and the tensors a checkpoint must supply:
+    name -> shape, without lm_head.weight when it is tied to the embeddings."""
+    with torch.device("meta"), SkipInit():
+        model = LlamaForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    return model, expected
+
+
+def assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of parameter `name` (no copy; load_state_dict per tensor would walk
+    every module each time, quadratic in the model's size)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters[attr]
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def finish(model: LlamaForCausalLM, dtype: torch.dtype, attn_implementation: str) -> LlamaForCausalLM:
+    """Re-tie lm_head (assignment replaced the embedding Parameter), record the dtype, eval mode."""
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.torch_dtype = dtype_name(dtype)
+    return model.set_attn_implementation(attn_implementation).eval()
