@@ -58,3 +58,23 @@ def test_convert_bad_input(tmp_path, capsys):
     assert main(["convert", "x", str(tmp_path / "out"), "--to", "hf", "--dtype", "q8_0"]) == 2
     assert "--dtype 'q8_0' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_hf_to_gguf_and_a_failing_tolerance(tmp_path, capsys):
+    import torch
+
+    from camelid import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "hf")
+    for dtype in ("f32", "f16", "q8_0"):
+        out = tmp_path / f"m-{dtype}.gguf"
+        assert main(["convert", str(tmp_path / "hf"), str(out), "--to", "gguf", "--dtype", dtype]) == 0, dtype
+        assert out.read_bytes()[:4] == b"GGUF"
+        assert ": ok" in capsys.readouterr().out
+    # the same conversion fails when the tolerance is set below what q8_0 costs
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"), "--to", "gguf", "--dtype", "q8_0",
+                 "--tolerance", "1e-9"]) == 1
+    assert "FAILED" in capsys.readouterr().out

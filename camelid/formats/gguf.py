@@ -168,8 +168,10 @@ def _tensor(t) -> torch.Tensor:
     """Dequantize one GGUF tensor to a float32 torch tensor in PyTorch shape."""
     if t.type not in SUPPORTED_TYPES:
         raise GGUFError(f"tensor {t.name!r} has GGML type {t.type.name}, which camelid does not read")
-    if t.type == GGMLQuantizationType.F32:
-        return torch.from_numpy(t.data.view(np.float32).reshape(t.shape).copy())
+    plain = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+             GGMLQuantizationType.F64: np.float64}.get(t.type)
+    if plain is not None:  # no dequantization: reinterpret the bytes (and own them)
+        return torch.from_numpy(t.data.view(plain).reshape(t.shape).astype(np.float32))
     return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.type), dtype=np.float32).reshape(t.shape))
 
 
