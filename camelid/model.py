@@ -350,6 +350,12 @@ class LlamaForCausalLM(nn.Module):
 
         return load_pretrained(name_or_path, **kwargs)
 
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """transformers' `generate` surface (see camelid.generate.model_generate)."""
+        from .generate import model_generate
+
+        return model_generate(self, input_ids, attention_mask, **kwargs)
+
     def save_pretrained(self, directory, **kwargs):
         from .formats.hf import save_pretrained
 

@@ -78,3 +78,32 @@ def test_convert_hf_to_gguf_and_a_failing_tolerance(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"), "--to", "gguf", "--dtype", "q8_0",
                  "--tolerance", "1e-9"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_generate_streams_the_answer(smollm2_gguf, capsys):
+    assert main(["generate", "--model", str(smollm2_gguf), "What is the capital of France?",
+                 "--max-new-tokens", "16"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_generate_json_and_stop(smollm2_gguf, capsys):
+    import json as _json
+
+    assert main(["generate", "--model", str(smollm2_gguf), "What is the capital of France?", "--json",
+                 "--max-new-tokens", "16", "--stop", "Paris"]) == 0
+    result = _json.loads(capsys.readouterr().out)
+    assert result["finish_reason"] == "stop" and "Paris" not in result["text"]
+
+
+def test_generate_bad_sampling_flag_is_a_clear_error(smollm2_gguf, capsys):
+    assert main(["generate", "--model", str(smollm2_gguf), "hi", "--temperature", "0.5", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_chat_repl_keeps_history_and_resets(smollm2_gguf, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/reset\n\n/exit\n"))
+    assert main(["chat", "--model", str(smollm2_gguf), "--max-new-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out and "(history cleared)" in captured.err

@@ -1,0 +1,234 @@
+"""Generation as an iterator: prefill the prompt into a KV cache, then one token per step.
+
+    for step in generate_tokens(model, ids, mask, params=SamplingParams(), max_new_tokens=64): ...
+    texts = generate(model, tokenizer, ["prompt", ...], max_new_tokens=64, stop=["\\n\\n"])
+    model.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=..., ...)  # transformers' surface
+
+Rows of a batch are left-padded; each row's RoPE positions come from its attention mask, so a
+padded row computes what it would alone. Rows stop independently (any EOS id, a stop string,
+max_new_tokens, or the end of the model's context); a finished row emits padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .cache import KVCache
+from .sampling import SamplingParams, make_generator, make_logits_processor, make_sampler
+
+
+@dataclass
+class Step:
+    """One decoding step for the whole batch."""
+    tokens: torch.Tensor  # [B] the new token of each row (pad_id for rows already finished)
+    finished: torch.Tensor  # [B] bool, True from the step a row ends on
+    reasons: list[str | None] = field(default_factory=list)  # per row: "stop" | "length" | None
+
+
+def check_generation_args(input_ids: torch.Tensor, max_new_tokens: int, context: int) -> None:
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, prompt_len] with a non-empty prompt, got {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if input_ids.shape[1] >= context:
+        raise ValueError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {context}, "
+                         f"which leaves no room to generate")
+
+
+@torch.inference_mode()
+def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    params: SamplingParams | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0,
+                    eos_token_ids=(), pad_token_id: int | None = None,
+                    context: int | None = None) -> Iterator[Step]:
+    """Yield one Step per generated position until every row has finished."""
+    params = params or SamplingParams()
+    config = model.config
+    context = context or config.max_position_embeddings
+    check_generation_args(input_ids, max_new_tokens, context)
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, T0 = input_ids.shape
+    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).long()
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("a row of the batch is all padding: every prompt needs at least one token")
+    room = context - T0  # the cache never holds more slots than the model has positions
+    budget = min(max_new_tokens, room)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+
+    process = make_logits_processor(params, config.vocab_size)
+    sample = make_sampler(params)
+    rng = make_generator(params.seed, device)
+    n_prompt = mask.sum(-1)
+
+    cache = KVCache(config, B, T0 + budget, dtype=model.dtype, device=device)
+    logits = model(input_ids, attention_mask=mask, cache=cache, cache_position=torch.arange(T0, device=device),
+                   logits_to_keep=1).logits[:, -1]
+    tokens, finished = input_ids, torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(budget):
+        scores = process(logits.float(), tokens, mask, n_prompt)
+        if step < min_new_tokens and eos.numel():
+            scores = scores.clone()  # the processor may hand back its input when nothing is active
+            scores[:, eos] = float("-inf")
+        nxt = sample(scores, rng)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        hit_eos = torch.isin(nxt, eos) & ~finished if eos.numel() else torch.zeros_like(finished)
+        last = step == budget - 1
+        reasons = ["stop" if e else ("length" if last and not f else None)
+                   for e, f in zip(hit_eos.tolist(), finished.tolist())]
+        finished = finished | hit_eos | last
+        yield Step(tokens=nxt, finished=finished.clone(), reasons=reasons)
+        if bool(finished.all()):
+            return
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        logits = model(nxt[:, None], attention_mask=mask, cache=cache,
+                       cache_position=torch.tensor([T0 + step], device=device), logits_to_keep=1).logits[:, -1]
+
+
+# ---------------------------------------------------------------------- the transformers surface
+
+HF_SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                    "no_repeat_ngram_size", "bad_words_ids", "seed", "frequency_penalty", "presence_penalty",
+                    "logit_bias"}
+
+
+def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                   eos_token_id=None, pad_token_id=None, streamer=None, use_cache: bool = True,
+                   max_length: int | None = None, **kwargs) -> torch.Tensor:
+    """`model.generate(...)` with transformers' keyword names: returns [B, prompt + new] token ids,
+    finished rows padded with pad_token_id. Sampling defaults follow transformers (top_k=50 when
+    do_sample=True and top_k is not given)."""
+    unknown = set(kwargs) - HF_SAMPLING_KEYS
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if kwargs.get("do_sample") and "top_k" not in kwargs:
+        kwargs["top_k"] = 50
+    if kwargs.get("bad_words_ids") is not None:
+        kwargs["bad_words_ids"] = tuple(tuple(w) for w in kwargs["bad_words_ids"])
+    params = SamplingParams(**kwargs)
+    if max_length is not None:
+        max_new_tokens = max_length - input_ids.shape[1]
+    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_ids
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id if model.config.pad_token_id
+                                                         is not None else (eos[0] if eos else 0))
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    out = [input_ids.to(model.device)]
+    for step in generate_tokens(model, input_ids, attention_mask, params=params, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad):
+        out.append(step.tokens[:, None])
+        if streamer is not None:
+            streamer.put(step.tokens.cpu())
+    if streamer is not None:
+        streamer.end()
+    return torch.cat(out, dim=1)
+
+
+# ---------------------------------------------------------------------- text in, text out
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length"
+
+
+def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat: bool = False,
+             min_new_tokens: int = 0, on_text=None, **sampling) -> list[Completion]:
+    """Generate for a list of prompts (strings, or message lists with chat=True). Stop strings
+    are matched across token boundaries and trimmed from the text. `on_text(row, delta)` is
+    called with each new piece of text (an incremental detokenizer: never half a character)."""
+    from .tokenizer import IncrementalDecoder
+
+    single = isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict))
+    prompts = [prompts] if single else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    if any(not isinstance(s, str) or s == "" for s in stop):
+        raise ValueError("stop strings must be non-empty strings")
+    if chat:
+        rows = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+    else:
+        if any(not isinstance(p, str) or p == "" for p in prompts):
+            raise ValueError("prompts must be non-empty strings")
+        rows = [tokenizer.encode(p) for p in prompts]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    if sampling.get("bad_words_ids") is not None:
+        sampling["bad_words_ids"] = tuple(tuple(w) for w in sampling["bad_words_ids"])
+    params = SamplingParams(**sampling)
+    eos = sorted(set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids))
+    decoders = [IncrementalDecoder(tokenizer) for _ in rows]
+    texts, tokens, reasons = [""] * len(rows), [[] for _ in rows], [None] * len(rows)
+    emitted = [0] * len(rows)  # characters of texts[r] already passed to on_text
+    hold = max(map(len, stop), default=1) - 1  # a tail this long may still become a stop string
+    for step in generate_tokens(model, ids, mask, params=params, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad):
+        for r, token in enumerate(step.tokens.tolist()):
+            if reasons[r] is not None:
+                continue
+            if step.reasons[r] == "stop":  # an EOS id: not part of the text
+                reasons[r], delta = "stop", decoders[r].flush()
+            else:
+                tokens[r].append(token)
+                delta = decoders[r].add(token)
+                if step.reasons[r] == "length":
+                    reasons[r], delta = "length", delta + decoders[r].flush()
+            before = len(texts[r])
+            texts[r] += delta
+            hit = _find_stop(texts[r], stop, max(0, before - hold))
+            if hit is not None:
+                texts[r], reasons[r] = texts[r][:hit], "stop"
+            safe = len(texts[r]) if reasons[r] is not None else max(emitted[r], len(texts[r]) - hold)
+            if on_text and safe > emitted[r]:
+                on_text(r, texts[r][emitted[r]:safe])
+            emitted[r] = max(emitted[r], safe)
+        if all(reason is not None for reason in reasons):
+            break  # every row stopped (stop strings end rows the token loop does not know about)
+    return [Completion(t, k, reason or "length") for t, k, reason in zip(texts, tokens, reasons)]
+
+
+def _find_stop(text: str, stop: list[str], start: int) -> int | None:
+    """Index of the earliest stop string that begins at or after `start` (earlier text was checked)."""
+    found = [i for s in stop if (i := text.find(s, start)) != -1]
+    return min(found) if found else None
+
+
+class TextStreamer:
+    """transformers' TextStreamer: `model.generate(..., streamer=TextStreamer(tokenizer))` prints
+    text as it is generated (the prompt too unless skip_prompt=True). Batch size 1."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True, file=None):
+        import sys
+
+        from .tokenizer import IncrementalDecoder
+
+        self.tokenizer, self.skip_prompt, self.file = tokenizer, skip_prompt, file or sys.stdout
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value.reshape(-1).tolist() if value.ndim < 2 or value.shape[0] == 1 else None
+        if ids is None:
+            raise ValueError("TextStreamer supports batch size 1")
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            if self.skip_prompt:
+                return
+        self.on_text("".join(self.decoder.add(i) for i in ids))
+
+    def end(self) -> None:
+        self.on_text(self.decoder.flush(), stream_end=True)
+
+    def on_text(self, text: str, stream_end: bool = False) -> None:
+        print(text, end="\n" if stream_end else "", file=self.file, flush=True)
