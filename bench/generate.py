@@ -14,10 +14,15 @@ import time
 import torch
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+def timed(fn, repeats=3):
+    """Median wall time of `repeats` runs after one warm-up (first calls of a shape set kernels up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], out
 
 
 def main():
@@ -56,8 +61,8 @@ def main():
         run(prompt, 4)  # warm-up
         ttft, _ = timed(lambda: run(prompt, 1))
         pre, _ = timed(lambda: run(prompt512, 1))
-        d1, _ = timed(lambda: run(prompt, args.new + 1))
-        d8, _ = timed(lambda: run(prompt.repeat(8, 1), args.new + 1))
+        d1, _ = timed(lambda: run(prompt, args.new + 1), repeats=1)
+        d8, _ = timed(lambda: run(prompt.repeat(8, 1), args.new + 1), repeats=1)
         rows[name] = dict(ttft=ttft, prefill=512 / pre, decode1=args.new / (d1 - ttft),
                           decode8=8 * args.new / (d8 - ttft * 1.0))
     try:
@@ -65,10 +70,8 @@ def main():
 
         ll = Llama(model_path=str(path), n_threads=args.threads, n_ctx=1024, verbose=False)
         toks = prompt[0].tolist()
-        ll.reset()
-        ttft, _ = timed(lambda: ll.eval(toks))
-        ll.reset()
-        pre, _ = timed(lambda: ll.eval(prompt512[0].tolist()))
+        ttft, _ = timed(lambda: (ll.reset(), ll.eval(toks)))
+        pre, _ = timed(lambda: (ll.reset(), ll.eval(prompt512[0].tolist())))
         ll.reset()
         ll.eval(toks)
         start = time.perf_counter()

@@ -104,6 +104,14 @@ def assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
 
 
+def column_major(w: torch.Tensor) -> torch.Tensor:
+    """The same [out, in] matrix stored transposed in memory. F.linear multiplies by w.t(), which
+    is then a contiguous row-major matrix: for one token at a time (decode) on CPU that GEMV reads
+    the weights about 1.2x faster overall, and 1.6x faster for an lm_head larger than the cache
+    (bench/generate.py). Values, shape and names are unchanged."""
+    return w.t().contiguous().t() if w.ndim == 2 else w
+
+
 def finish(model: LlamaForCausalLM, dtype: torch.dtype, attn_implementation: str) -> LlamaForCausalLM:
     """Re-tie lm_head (assignment replaced the embedding Parameter), record the dtype, eval mode."""
     if model.config.tie_word_embeddings:

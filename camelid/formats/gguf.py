@@ -29,7 +29,7 @@ from gguf.quants import dequantize
 
 from ..config import LlamaConfig
 from ..model import LlamaForCausalLM
-from .common import assign, check_names_and_shapes, empty_model, finish, resolve_dtype
+from .common import assign, check_names_and_shapes, column_major, empty_model, finish, resolve_dtype
 from .gguf_file import GGUFError, GGUFFile
 
 # One mapping table: GGUF tensor name -> HF name ({i} = layer index).
@@ -196,7 +196,7 @@ def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa") 
                 w = unpermute_from_gguf(w, H)
             elif ".attn_k." in name:
                 w = unpermute_from_gguf(w, Hkv)
-            assign(model, hf_name(name), w.to(device=device, dtype=dtype))
+            assign(model, hf_name(name), column_major(w.to(device=device, dtype=dtype)))  # decode-friendly layout
         model.gguf_metadata = {k: v for k, v in g.fields.items() if not k.startswith("tokenizer.ggml.")}
         return finish(model, dtype, attn_implementation)
     finally:
