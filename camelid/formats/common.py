@@ -4,6 +4,8 @@ model on the meta device and assigning checkpoint tensors into it without extra 
 from __future__ import annotations
 
 import re
+import zipfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,6 +43,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 def list_names(items: list[str], most: int = 12) -> str:
     shown = ", ".join(items[:most])
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
+    """A .bin/.pth state dict through torch.load(weights_only=True) only: a pickle can run
+    arbitrary code, and weights_only refuses anything but tensors and plain containers. Zip-format
+    files (torch >= 1.6) are memory-mapped, so only the tensors touched are paged in."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as e:  # torch raises several types for corrupt, legacy or unsafe pickles
+        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch checkpoint: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{file}: not a state dict (expected a mapping of tensor names to tensors, "
+                              f"got {type(state).__name__})")
+    return state
 
 
 def natural_key(name: str):

@@ -27,7 +27,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from ..config import LlamaConfig
+from ..config import LlamaConfig, fsync_dir
 from ..model import LlamaForCausalLM
 from .common import assign, check_names_and_shapes, column_major, empty_model, finish, resolve_dtype
 from .gguf_file import GGUFError, GGUFFile
@@ -275,7 +275,7 @@ def save_gguf(model: LlamaForCausalLM, path, dtype: str = "f16", tokenizer=None)
         writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -284,19 +284,6 @@ _WRITER_OWNED = {"general.architecture", "general.file_type", "general.quantizat
 
 def _is_str_or_strs(v) -> bool:
     return isinstance(v, str) or (isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not possible everywhere (Windows); the rename itself is already done
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_config(w, config: LlamaConfig, dtype: str) -> torch.Tensor | None:

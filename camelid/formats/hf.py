@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 from ..config import LlamaConfig, fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
 from ..model import LlamaForCausalLM
 from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model,
-                     finish, list_names, resolve_dtype)
+                     finish, list_names, load_torch_state, resolve_dtype)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -91,21 +90,7 @@ def _tensor_names(file: Path) -> list[str]:
                 return list(f.keys())
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    return list(_load_bin(file).keys())
-
-
-def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a pickle can run arbitrary code; mmap: no second copy of the weights (only the
-    # zip format torch >= 1.6 writes can be mapped; older files are read into memory).
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except Exception as e:  # torch raises several types for corrupt or unsafe pickles
-        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch checkpoint: {e}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{file}: not a state dict (expected a mapping of tensor names to tensors, "
-                              f"got {type(state).__name__})")
-    return state
+    return list(load_torch_state(file).keys())
 
 
 def _shapes_and_dtypes(location: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
@@ -120,7 +105,7 @@ def _shapes_and_dtypes(location: dict[str, Path]) -> tuple[dict[str, tuple[int, 
                         shapes[k] = tuple(s.get_shape())
                         dtypes[k] = _SAFETENSORS_DTYPES.get(s.get_dtype())
         else:
-            for k, t in _load_bin(file).items():
+            for k, t in load_torch_state(file).items():
                 if k in location:
                     shapes[k], dtypes[k] = tuple(t.shape), t.dtype
     return shapes, dtypes
@@ -158,7 +143,7 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
 
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix != ".safetensors":
-        return _load_bin(file)
+        return load_torch_state(file)
     try:
         with safe_open(file, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}

@@ -42,7 +42,7 @@ import torch
 from ..config import ConfigError, LlamaConfig
 from ..model import LlamaForCausalLM
 from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model, finish,
-                     list_names, natural_key, resolve_dtype)
+                     list_names, load_torch_state, natural_key, resolve_dtype)
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -307,20 +307,6 @@ def shard_files(directory: Path) -> list[Path]:
     return [found[r] for r in range(len(found))]
 
 
-def _load_shard(file: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a pickle can run arbitrary code, this refuses anything but tensors and plain
-    # containers; mmap: the shard is mapped, not read, so only the tensors touched are paged in.
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several types for corrupt, legacy or unsafe pickles
-        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch checkpoint: {e}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{file}: not a state dict (expected a mapping of tensor names to tensors, "
-                              f"got {type(state).__name__})")
-    return state
-
-
 def _join_dim(name: str, pieces: list[torch.Size], dim: int, files: list[Path]) -> int | None:
     """The dim the shards of `name` are joined on; None for a replicated tensor."""
     if len(pieces) == 1:
@@ -389,7 +375,7 @@ def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sd
     where = str(directory / PARAMS)
     _check_params(params, where)  # before any shard is opened
     files = shard_files(directory)
-    states = [_load_shard(f) for f in files]  # memory-mapped: nothing is read yet
+    states = [load_torch_state(f) for f in files]  # memory-mapped: nothing is read yet
     join, shapes, ckpt_dtype = _shard_plan(files, states, params["dim"])
     config = meta_config(params, shapes, dtype=ckpt_dtype, where=where)
     for key, value in _special_token_ids(directory / TOKENIZER, config.vocab_size).items():
