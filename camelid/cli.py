@@ -108,7 +108,7 @@ def cmd_convert(args) -> int:
         if tokenizer is not None:
             tokenizer.save_pretrained(args.dst)
     else:
-        from .formats.gguf import save_gguf
+        from .formats.gguf_save import save_gguf
 
         save_gguf(source, args.dst, dtype=dtype, tokenizer=tokenizer)
     reloaded = load_pretrained(args.dst, dtype="float32")

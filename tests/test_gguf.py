@@ -20,7 +20,9 @@ import torch
 
 from camelid.config import LlamaConfig
 from camelid.formats import gguf as G
-from camelid.formats.gguf import load_gguf, save_gguf, tokenizer_gguf_fields
+from camelid.formats import gguf_save as S
+from camelid.formats.gguf import load_gguf
+from camelid.formats.gguf_save import save_gguf, tokenizer_gguf_fields
 from camelid.formats.gguf_file import GGUFError, GGUFFile
 from camelid.model import LlamaForCausalLM
 
@@ -454,8 +456,8 @@ def test_save_is_temp_fsync_rename_and_replaces_an_existing_file(tmp_path, monke
         events.append("replace")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(G.os, "fsync", fsync)
-    monkeypatch.setattr(G.os, "replace", replace)
+    monkeypatch.setattr(S.os, "fsync", fsync)
+    monkeypatch.setattr(S.os, "replace", replace)
     save_gguf(tiny_model(), path, "f16")
     assert events[:2] == ["fsync", "replace"]
     assert path.read_bytes()[:4] == b"GGUF" and leftovers(tmp_path) == []
@@ -470,7 +472,7 @@ def test_a_failed_save_leaves_no_file_and_no_temp(tmp_path, monkeypatch, existin
     if existing:
         save_gguf(tiny_model(seed=5), path, "f32")
     before = path.read_bytes() if existing else None
-    real_encode, calls = G._encode, []
+    real_encode, calls = S._encode, []
 
     def failing(name, t, qtype):
         calls.append(name)
@@ -479,7 +481,7 @@ def test_a_failed_save_leaves_no_file_and_no_temp(tmp_path, monkeypatch, existin
             raise OSError("disk full")
         return real_encode(name, t, qtype)
 
-    monkeypatch.setattr(G, "_encode", failing)
+    monkeypatch.setattr(S, "_encode", failing)
     with pytest.raises(OSError, match="disk full"):
         save_gguf(tiny_model(), path, "f16")
     assert leftovers(tmp_path) == []

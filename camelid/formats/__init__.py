@@ -1,15 +1,15 @@
 """Checkpoint formats, side by side: each turns files into (LlamaConfig, tensors) and a model.
 
 hf.py         Hugging Face folders (config.json + safetensors / pytorch_model.bin)
-gguf.py       llama.cpp GGUF files (gguf_file.py is the checked parser)
+gguf.py       llama.cpp GGUF files (gguf_file.py: the checked parser; gguf_save.py: the writer)
 meta.py       Meta's original layout (params.json + consolidated.NN.pth)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from .hf import DTYPES, CheckpointError, load_hf, save_pretrained
+from .common import DTYPES, CheckpointError
+from .hf import load_hf, save_pretrained
 
 
 def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None,
@@ -54,7 +54,7 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
 
 def save_gguf(model, path, dtype: str = "f16", tokenizer=None):
     """Write `model` as a GGUF file llama.cpp loads (see camelid.formats.gguf.save_gguf)."""
-    from .gguf import save_gguf as _save_gguf
+    from .gguf_save import save_gguf as _save_gguf
 
     return _save_gguf(model, path, dtype=dtype, tokenizer=tokenizer)
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ..config import LlamaConfig, fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
 from ..model import LlamaForCausalLM
-from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model,
+from .common import (CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model,
                      finish, list_names, load_torch_state, resolve_dtype)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
