@@ -14,6 +14,7 @@ loopcontrols, tojson, raise_exception, strftime_now), so prompts are identical.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -79,10 +80,12 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
 
 
 def _bounded_filter(name, original):
-    def check(value, width=80, *args, **kwargs):
-        if isinstance(width, int) and width > MAX_OUTPUT:
-            raise ChatTemplateError(f"chat template filter {name} asked for width {width}")
-        return original(value, width, *args, **kwargs)
+    @functools.wraps(original)  # keeps Jinja's pass_environment marker (truncate, wordwrap)
+    def check(*args, **kwargs):
+        for v in list(args[1:]) + list(kwargs.values()):  # args[0]: the value, or the environment
+            if isinstance(v, int) and not isinstance(v, bool) and v > MAX_OUTPUT:
+                raise ChatTemplateError(f"chat template filter {name} asked for width {v}")
+        return original(*args, **kwargs)
     return check
 
 

@@ -156,3 +156,20 @@ def test_renders_transformers_extras():
                       "{% if loop.last %}{% break %}{% endif %}{% endfor %}{{ strftime_now('%Y')|length }}",
                       [{"role": "user", "content": "é"}])
     assert out == '{"role": "user", "content": "é"}4'
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("{{ 'hello world'|truncate(8) }}", "hello..."),
+    ("{{ 'hello world foo'|wordwrap(6) }}", "hello\nworld\nfoo"),
+    ("{{ 'ab'|center(6) }}", "  ab  "),
+    ("{{ 'a\nb'|indent(2, true) }}", "  a\n  b"),
+])
+def test_guarded_filters_still_work(template, expected):
+    """The width guards wrap these filters; two of them take Jinja's environment first."""
+    assert render_chat(template, [{"role": "user", "content": "x"}]) == expected
+
+
+@pytest.mark.parametrize("template", ["{{ 'a'|wordwrap(1000000000) }}", "{{ 'a b'|truncate(1000000000) }}",
+                                      "{{ 'a'|indent(1000000000) }}"])
+def test_width_bombs_through_every_guarded_filter(template):
+    rejects(template, "width 1000000000")
