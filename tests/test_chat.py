@@ -159,7 +159,7 @@ def test_renders_transformers_extras():
 
 
 @pytest.mark.parametrize("template,expected", [
-    ("{{ 'hello world'|truncate(8) }}", "hello..."),
+    ("{{ 'hello wonderful world'|truncate(8) }}", "hello..."),
     ("{{ 'hello world foo'|wordwrap(6) }}", "hello\nworld\nfoo"),
     ("{{ 'ab'|center(6) }}", "  ab  "),
     ("{{ 'a\nb'|indent(2, true) }}", "  a\n  b"),
