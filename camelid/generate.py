@@ -99,7 +99,7 @@ HF_SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "typi
 
 
 def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
-                   eos_token_id=None, pad_token_id=None, streamer=None, use_cache: bool = True,
+                   eos_token_id=None, pad_token_id=None, streamer=None, use_cache: bool = True,  # always cached
                    max_length: int | None = None, **kwargs) -> torch.Tensor:
     """`model.generate(...)` with transformers' keyword names: returns [B, prompt + new] token ids,
     finished rows padded with pad_token_id. Sampling defaults follow transformers (top_k=50 when
@@ -109,8 +109,6 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if kwargs.get("do_sample") and "top_k" not in kwargs:
         kwargs["top_k"] = 50
-    if kwargs.get("bad_words_ids") is not None:
-        kwargs["bad_words_ids"] = tuple(tuple(w) for w in kwargs["bad_words_ids"])
     params = SamplingParams(**kwargs)
     if max_length is not None:
         max_new_tokens = max_length - input_ids.shape[1]
@@ -164,8 +162,6 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    if sampling.get("bad_words_ids") is not None:
-        sampling["bad_words_ids"] = tuple(tuple(w) for w in sampling["bad_words_ids"])
     params = SamplingParams(**sampling)
     eos = sorted(set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids))
     decoders = [IncrementalDecoder(tokenizer) for _ in rows]

@@ -75,6 +75,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        # transformers users pass lists of lists; store tuples so the params stay hashable/frozen
+        words = self.bad_words_ids
+        if isinstance(words, (list, tuple)) and all(isinstance(w, (list, tuple)) for w in words):
+            object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in words))
         self.validate()
 
     def validate(self) -> None:

@@ -60,8 +60,6 @@ def test_no_double_bos(smollm2_tokenizer):
 
 def test_template_sources(tmp_path, smollm2_tokenizer):
     """chat_template from tokenizer_config.json, overridden by chat_template.jinja when present."""
-    import shutil
-
     src = smollm2_tokenizer.backend.tk
     src.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
@@ -70,7 +68,6 @@ def test_template_sources(tmp_path, smollm2_tokenizer):
     assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(m, tokenize=False) == "Ax"
     (tmp_path / "chat_template.jinja").write_text("B{{ messages[0]['content'] }}")
     assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(m, tokenize=False) == "Bx"
-    shutil.rmtree(tmp_path)
 
 
 def test_gguf_template_is_read(smollm2_tokenizer):

@@ -200,3 +200,10 @@ def test_unknown_generate_kwarg(tiny):
 def test_all_padding_row(tiny):
     with pytest.raises(ValueError, match="all padding"):
         list(generate_tokens(tiny, torch.tensor([[1, 2], [0, 0]]), torch.tensor([[1, 1], [0, 0]])))
+
+
+def test_bad_words_as_transformers_lists(tiny):
+    ids = torch.tensor([[5, 17, 3]])
+    free = tiny.generate(ids, max_new_tokens=1)[0, -1].item()
+    banned = tiny.generate(ids, max_new_tokens=1, bad_words_ids=[[free]])[0, -1].item()
+    assert banned != free

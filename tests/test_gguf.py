@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from camelid.config import LlamaConfig
-from camelid.formats import gguf as G
 from camelid.formats import gguf_save as S
 from camelid.formats.gguf import load_gguf
 from camelid.formats.gguf_save import save_gguf, tokenizer_gguf_fields

@@ -35,7 +35,7 @@ def test_type_dequantizes_like_the_gguf_package(qtype):
     rng = np.random.default_rng(int(qtype))
     rows, cols = 3, 512
     raw = blocks(qtype, rows, cols, rng)
-    t = GGUFTensor(name=f"blk.0.ffn_up.weight", shape=(rows, cols), type=qtype, data=raw)
+    t = GGUFTensor(name="blk.0.ffn_up.weight", shape=(rows, cols), type=qtype, data=raw)
     got = _tensor(t)
     want = (raw.view(np.float64) if qtype == Q.F64 else dequantize(raw, qtype)).reshape(rows, cols)
     assert tuple(got.shape) == (rows, cols)
