@@ -321,6 +321,9 @@ class LlamaForCausalLM(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied lm_head counts once), as transformers counts them."""
         params = {id(p): p for p in self.parameters()}
+        if self.config.tie_word_embeddings:  # tied, even where lm_head holds its own (packed) copy
+            params.pop(id(self.lm_head.weight), None)
+            params[id(self.model.embed_tokens.weight)] = self.model.embed_tokens.weight
         n = sum(p.numel() for p in params.values())
         if exclude_embeddings:
             n -= self.model.embed_tokens.weight.numel()

@@ -208,7 +208,7 @@ def test_tied_model_saves_no_lm_head_and_reloads_tied(tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     model.save_pretrained(tmp_path)
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
-    loaded = load_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path, pack=False)
     assert loaded.config.tie_word_embeddings
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, model.model.embed_tokens.weight)
@@ -216,7 +216,7 @@ def test_tied_model_saves_no_lm_head_and_reloads_tied(tmp_path):
 
 def test_tied_model_reloads_tied_in_another_dtype(tmp_path):
     tiny_model(tie_word_embeddings=True).save_pretrained(tmp_path)
-    loaded = load_pretrained(tmp_path, dtype="bfloat16")
+    loaded = load_pretrained(tmp_path, dtype="bfloat16", pack=False)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert loaded.lm_head.weight.dtype == torch.bfloat16
 
@@ -226,7 +226,7 @@ def test_tied_config_with_a_stored_lm_head_loads_tied(tmp_path):
     state = state_of(model)  # includes lm_head.weight, as some exporters write it
     assert "lm_head.weight" in state
     write_checkpoint(tmp_path, state, model.config)
-    loaded = load_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path, pack=False)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
@@ -234,7 +234,7 @@ def test_checkpoint_without_lm_head_loads_tied(tmp_path):
     state = state_of(tiny_model())
     del state["lm_head.weight"]
     write_checkpoint(tmp_path, state)  # the config says untied
-    loaded = load_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path, pack=False)
     assert loaded.config.tie_word_embeddings
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, state["model.embed_tokens.weight"])
@@ -309,7 +309,7 @@ def test_editing_a_loaded_model_does_not_touch_the_file(saved):
     """Weights are memory-mapped: the mapping must be private (copy-on-write)."""
     directory, state = saved
     digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
-    model = load_pretrained(directory)
+    model = load_pretrained(directory, pack=False)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -687,7 +687,7 @@ except OSError:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     before = peak()
-model = camelid.load_pretrained(sys.argv[1])
+model = camelid.load_pretrained(sys.argv[1], pack=False)  # the load itself; packing is a later transform
 with torch.no_grad():
     total = sum(float(p.sum()) for p in model.parameters())  # touch every weight
 print(peak() - before, sum(p.numel() * p.element_size() for p in model.parameters()))

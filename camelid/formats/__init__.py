@@ -13,13 +13,15 @@ from .hf import load_hf, save_pretrained
 
 
 def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None,
-                    attn_implementation: str = "sdpa"):
+                    attn_implementation: str = "sdpa", pack: bool | None = None):
     """Load a model, choosing the format from what is there.
 
     name_or_path: a HF folder, a .gguf file (or a folder holding one), a packaged model name
     ("smollm2-135m-instruct", the default when None), or a Hugging Face repo id "org/name".
     dtype (alias torch_dtype, as transformers spells it): torch dtype, its name, "auto" for the
     checkpoint's own, or None for float32. device: "cpu", "cuda", "cuda:1", ...
+    pack: put the linear weights in oneDNN's packed layout for CPU inference (camelid/packed.py:
+    faster and batch-invariant, but frozen). None (the default) packs on CPU; pass False to train.
     """
     from ..hub import DEFAULT_MODEL, resolve
 
@@ -29,6 +31,17 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
     dtype = dtype if dtype is not None else torch_dtype
     path = resolve(DEFAULT_MODEL if name_or_path is None else name_or_path)
     kwargs = dict(dtype=dtype, device=device, attn_implementation=attn_implementation)
+    model = _load(path, kwargs)
+    if pack or pack is None:
+        from ..packed import can_pack, pack as pack_model
+
+        if pack and not can_pack(model):
+            raise ValueError("pack=True needs a CPU model in float32 or bfloat16 and a torch built with oneDNN")
+        pack_model(model)
+    return model
+
+
+def _load(path, kwargs):
     if path.is_dir() and (path / "config.json").is_file():
         return load_hf(path, **kwargs)
     if path.is_dir() and (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):

@@ -1,0 +1,124 @@
+"""camelid.packed: oneDNN-packed linears for CPU inference (the default on CPU loads)."""
+
+import pytest
+import torch
+
+import camelid
+from camelid import LlamaConfig, LlamaForCausalLM, packed
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="torch built without oneDNN")
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny(tied=True, bias=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tied, attention_bias=bias)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_model_computes_the_same_logits(tied, bias):
+    model = tiny(tied, bias)
+    ids = torch.randint(0, 96, (3, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+        packed.pack(model)
+        out = model(ids).logits
+    assert packed.is_packed(model)
+    assert sum(isinstance(m, packed.PackedLinear) for m in model.modules()) == 2 * 7 + 1
+    assert (out - ref).abs().max() <= 1e-4
+
+
+def test_rows_do_not_depend_on_the_batch_they_are_in():
+    """The reason packing is the default: a row's logits are the same bits alone or in a batch
+    of any size (MKL's sgemm rounds 1-3 rows differently from 4+)."""
+    model = packed.pack(tiny())
+    ids = torch.randint(0, 96, (16, 9))
+    with torch.no_grad():
+        alone = torch.cat([model(ids[i:i + 1]).logits for i in range(16)])
+        for b in (2, 3, 4, 7, 16):
+            assert torch.equal(model(ids[:b]).logits, alone[:b]), f"batch of {b}"
+
+
+def test_state_dict_is_dense_and_save_reload_round_trips(tmp_path):
+    model = tiny(tied=True)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    packed.pack(model)
+    state = model.state_dict()
+    assert not any(v.is_mkldnn for v in state.values())
+    for k, v in ref.items():
+        assert torch.equal(state[k], v), k
+    model.save_pretrained(tmp_path)
+    again = camelid.load_pretrained(tmp_path, pack=False)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    fresh = packed.pack(tiny(tied=True))
+    fresh.load_state_dict({k: v + 1 for k, v in ref.items()})
+    assert torch.equal(packed.dense_weight(fresh.lm_head), ref["lm_head.weight"] + 1)
+
+
+def test_unpack_gives_trainable_linears_and_reties():
+    model = tiny(tied=True)
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    packed.unpack(packed.pack(model))
+    assert not packed.is_packed(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, ref)
+
+
+def test_counts_dtype_and_device_are_unchanged():
+    model = tiny(tied=True)
+    n = model.num_parameters()
+    packed.pack(model)
+    assert model.num_parameters() == n
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+
+
+def test_gradients_still_reach_the_inputs():
+    """A packed base stays frozen, but what flows through it (e.g. to a LoRA adapter) gets dx."""
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    lin(x).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    packed.PackedLinear(lin)(x).sum().backward()
+    assert torch.allclose(x.grad, expected)
+
+
+def test_training_a_packed_model_is_a_clear_error():
+    model = packed.pack(tiny())
+    with pytest.raises(RuntimeError, match="pack=False"):
+        model.train()
+
+
+def test_moving_a_packed_model_off_the_cpu_or_to_float16_is_a_clear_error():
+    model = packed.pack(tiny())
+    with pytest.raises(RuntimeError, match="unpack"):
+        model.to(torch.float16)
+
+
+def test_bfloat16_packs_too():
+    model = tiny(dtype=torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        out = packed.pack(model)(ids).logits.float()
+    assert packed.is_packed(model)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_pack_option_of_from_pretrained(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    assert packed.is_packed(camelid.load_pretrained(tmp_path))  # the CPU default
+    assert not packed.is_packed(camelid.load_pretrained(tmp_path, pack=False))
+    assert not packed.is_packed(camelid.load_pretrained(tmp_path, dtype="float16"))  # no packed float16 path
+    with pytest.raises(ValueError, match="pack=True"):
+        camelid.load_pretrained(tmp_path, dtype="float16", pack=True)
