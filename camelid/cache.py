@@ -29,5 +29,11 @@ class KVCache:
         self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
         return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows, in this order (finished sequences stop costing compute)."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.batch_size = rows.numel()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -18,6 +18,7 @@ import torch
 
 from .cache import KVCache
 from .sampling import SamplingParams, make_generator, make_logits_processor, make_sampler
+from .sampling import logprobs as chosen_logprob
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Step:
     tokens: torch.Tensor  # [B] the new token of each row (pad_id for rows already finished)
     finished: torch.Tensor  # [B] bool, True from the step a row ends on
     reasons: list[str | None] = field(default_factory=list)  # per row: "stop" | "length" | None
+    logprobs: torch.Tensor | None = None  # [B] log-probability of each new token (raw logits)
+    top_logprobs: torch.Tensor | None = None  # [B, n] the n most likely tokens' log-probabilities ...
+    top_ids: torch.Tensor | None = None  # [B, n] ... and their ids
 
 
 def check_generation_args(input_ids: torch.Tensor, max_new_tokens: int, context: int) -> None:
@@ -41,9 +45,14 @@ def check_generation_args(input_ids: torch.Tensor, max_new_tokens: int, context:
 @torch.inference_mode()
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     params: SamplingParams | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0,
-                    eos_token_ids=(), pad_token_id: int | None = None,
-                    context: int | None = None) -> Iterator[Step]:
-    """Yield one Step per generated position until every row has finished."""
+                    eos_token_ids=(), pad_token_id: int | None = None, context: int | None = None,
+                    logprobs: int | None = None) -> Iterator[Step]:
+    """Yield one Step per generated position until every row has finished.
+
+    logprobs: None, or n >= 0 to report each new token's log-probability and the n most likely
+    alternatives. Rows that finish are dropped from the batch (and from the KV cache), so they
+    stop costing compute; each row's numbers do not depend on its neighbours (attention_plan in
+    model.py, packed linears on CPU), so that changes no output."""
     params = params or SamplingParams()
     config = model.config
     context = context or config.max_position_embeddings
@@ -56,6 +65,8 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError("a row of the batch is all padding: every prompt needs at least one token")
+    if logprobs is not None:
+        chosen_logprob(torch.zeros(1, config.vocab_size), torch.zeros(1, dtype=torch.long), logprobs)  # validates
     room = context - T0  # the cache never holds more slots than the model has positions
     budget = min(max_new_tokens, room)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
@@ -69,26 +80,50 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     cache = KVCache(config, B, T0 + budget, dtype=model.dtype, device=device)
     logits = model(input_ids, attention_mask=mask, cache=cache, cache_position=torch.arange(T0, device=device),
                    logits_to_keep=1).logits[:, -1]
-    tokens, finished = input_ids, torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = input_ids
+    rows = torch.arange(B, device=device)  # the original row of each row still in the batch
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(budget):
         scores = process(logits.float(), tokens, mask, n_prompt)
         if step < min_new_tokens and eos.numel():
             scores = scores.clone()  # the processor may hand back its input when nothing is active
             scores[:, eos] = float("-inf")
-        nxt = sample(scores, rng)
-        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-        hit_eos = torch.isin(nxt, eos) & ~finished if eos.numel() else torch.zeros_like(finished)
+        nxt = sample(scores, rng)  # [live rows]
+        hit_eos = torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(nxt, dtype=torch.bool)
         last = step == budget - 1
-        reasons = ["stop" if e else ("length" if last and not f else None)
-                   for e, f in zip(hit_eos.tolist(), finished.tolist())]
-        finished = finished | hit_eos | last
-        yield Step(tokens=nxt, finished=finished.clone(), reasons=reasons)
+        out = torch.full((B,), pad, dtype=nxt.dtype, device=device)
+        out[rows] = nxt
+        reasons = [None] * B
+        for r, e in zip(rows.tolist(), hit_eos.tolist()):
+            reasons[r] = "stop" if e else ("length" if last else None)
+        finished = finished.clone()
+        finished[rows] = hit_eos | last
+        yield Step(out, finished, reasons, *_logprobs(logits, nxt, rows, B, logprobs))
         if bool(finished.all()):
             return
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], dim=1)
+        if bool(hit_eos.any()):  # drop the rows that just finished
+            live = (~hit_eos).nonzero().squeeze(1)
+            rows, tokens, mask, n_prompt, nxt = rows[live], tokens[live], mask[live], n_prompt[live], nxt[live]
+            cache.keep(live)
         logits = model(nxt[:, None], attention_mask=mask, cache=cache,
                        cache_position=torch.tensor([T0 + step], device=device), logits_to_keep=1).logits[:, -1]
+
+
+def _logprobs(logits, nxt, rows, B, n):
+    """Step's logprob fields, scattered back to the full batch (finished rows: 0 / -inf)."""
+    if n is None:
+        return None, None, None
+    chosen, values, ids = chosen_logprob(logits, nxt, n)
+    full = torch.zeros(B, dtype=chosen.dtype, device=chosen.device)
+    full[rows] = chosen
+    if values is None:
+        return full, None, None
+    top = torch.full((B, n), float("-inf"), device=values.device)
+    top_ids = torch.zeros((B, n), dtype=ids.dtype, device=ids.device)
+    top[rows], top_ids[rows] = values, ids
+    return full, top, top_ids
 
 
 # ---------------------------------------------------------------------- the transformers surface

@@ -119,7 +119,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(C, Hkv * D, bias=bias)
         self.o_proj = nn.Linear(H * D, C, bias=bias)
 
-    def forward(self, x, rope, mask, is_causal, cache=None, slots=None, kv_len=None):
+    def forward(self, x, rope, groups, cache=None, slots=None, kv_len=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -128,13 +128,23 @@ class LlamaAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, slots, k, v, kv_len)  # (B, Hkv, S, D)
+        if len(groups) == 1 and groups[0].whole:
+            y = self.attend(q, k, v, groups[0].mask, groups[0].is_causal)
+        else:  # each group on its own keys; queries that are padding stay 0 and are never read
+            y = torch.zeros_like(q)
+            for g in groups:
+                y[g.rows, :, g.query_start:] = self.attend(q[g.rows, :, g.query_start:], k[g.rows, :, g.key_start:],
+                                                           v[g.rows, :, g.key_start:], g.mask, g.is_causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
+
+    def attend(self, q, k, v, mask, is_causal):
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)  # an additive (ALiBi) mask in the activations' dtype
         dropout = self.attention_dropout if self.training else 0.0
         if self.attn_implementation == "eager":
-            y = eager_attention(q, k, v, mask, is_causal, self.scale, dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
-                                               scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
+            return eager_attention(q, k, v, mask, is_causal, self.scale, dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                              scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
 
 
 # ---------------------------------------------------------------------- MLP
@@ -164,36 +174,73 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, mask, is_causal, cache=None, slots=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, slots, kv_len)
+    def forward(self, x, rope, groups, cache=None, slots=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, groups, cache, slots, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # ---------------------------------------------------------------------- masks
 
-def attention_mask_for(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_len: int):
-    """The one mask helper. Returns (mask, is_causal) for the attention kernels.
+@dataclass
+class AttentionGroup:
+    """How one row of the batch attends. A left-padded row attends only to its own keys (slots
+    from key_start) with only its real queries (from query_start): the kernel sees exactly the
+    shapes and values it sees for that row alone, so batched output is bit-identical to unbatched.
+    One call per row: torch's CPU flash kernel splits one-query work differently for 1 and for
+    several rows (measured: different last bits), so rows never share a call. The cost is B small
+    calls per layer instead of one. `mask`/`is_causal` are for the row's own shapes."""
+    rows: slice  # this row, r:r+1 (a view, no copy)
+    key_start: int
+    query_start: int
+    mask: torch.Tensor | None
+    is_causal: bool
+    whole: bool = False  # a batch of one with no padding: one call on q, k, v as they are
+
+
+def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_len: int, batch: int,
+                   alibi: torch.Tensor | None = None) -> list[AttentionGroup]:
+    """The one mask helper.
 
     attention_mask: [B, >= kv_len] 1 for real tokens, 0 for padding (HF convention), or None.
-    slots: [T] cache slot of each query token. Key slot j is visible to query slot i when
-    j <= i and j is not padding. A padding query sees itself, so no row is fully masked (an
-    all -inf row would make NaNs); its output is never read.
-    Without padding the mask is implicit: plain causal when T == kv_len, nothing when T == 1.
+    slots: [T] consecutive cache slots of the query tokens (the last T of the kv_len slots).
+    Key slot j is visible to query slot i when j <= i and j is not padding. Masks are built only
+    where needed: plain causal when queries and keys coincide, nothing for one query.
+    alibi: the per-head slopes of an ALiBi model, folded into an additive float mask.
+    A mask with holes (not left padding) gets one group with a [B, 1, T, S] mask in which a
+    padding query sees itself, so no row is all -inf (that would make NaNs; it is never read).
     """
     T = slots.shape[0]
-    padded = attention_mask is not None and not bool(attention_mask[:, :kv_len].all())
-    if not padded:
-        if T == kv_len:
-            return None, T > 1
-        if T == 1:
-            return None, False
+    if attention_mask is None or bool(attention_mask[:, :kv_len].all()):
+        pads = [0] * batch
+    else:
+        valid = attention_mask[:, :kv_len].to(device=slots.device, dtype=torch.bool)  # (B, S)
+        lead = (~valid).long().cumprod(-1).sum(-1)  # leading padding of each row
+        if not bool((valid.sum(-1) == kv_len - lead).all()):
+            return [_masked_group(valid, slots, kv_len, alibi)]
+        pads = lead.tolist()
+    groups, first = [], int(slots[0])
+    for r, p in enumerate(pads):
+        q0 = max(0, p - first)
+        if q0 >= T:
+            continue  # every query of this row is padding
+        Tq, S = T - q0, kv_len - p
+        mask, is_causal = None, Tq == S and Tq > 1
+        if alibi is not None or Tq not in (1, S):
+            mask = torch.ones(Tq, S, dtype=torch.bool, device=slots.device).tril(S - Tq)[None, None]  # (1, 1, Tq, S)
+        if alibi is not None:
+            bias = alibi_bias(alibi, slots[q0:] - p, S)  # (1, H, Tq, S)
+            mask, is_causal = bias.masked_fill(~mask, float("-inf")), False
+        groups.append(AttentionGroup(slice(r, r + 1), p, q0, mask, is_causal, whole=batch == 1 and p == 0))
+    return groups
+
+
+def _masked_group(valid, slots, kv_len, alibi) -> AttentionGroup:
     k_slots = torch.arange(kv_len, device=slots.device)
     visible = k_slots[None, :] <= slots[:, None]  # (T, S)
-    if not padded:
-        return visible[None, None], False  # (1, 1, T, S)
-    valid = attention_mask[:, :kv_len].to(device=slots.device, dtype=torch.bool)  # (B, S)
-    mask = (visible[None] & valid[:, None, :]) | (k_slots[None, :] == slots[:, None])[None]  # (B, T, S)
-    return mask[:, None], False  # (B, 1, T, S)
+    mask = ((visible[None] & valid[:, None, :]) | (k_slots[None, :] == slots[:, None])[None])[:, None]  # (B, 1, T, S)
+    if alibi is not None:
+        mask = alibi_bias(alibi, slots, kv_len).masked_fill(~mask, float("-inf"))
+    return AttentionGroup(slice(None), 0, 0, mask, False, whole=True)
 
 
 def positions_from_mask(attention_mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -239,24 +286,17 @@ class LlamaModel(nn.Module):
             position_ids = (positions_from_mask(attention_mask, cache_position) if attention_mask is not None
                             else cache_position[None].expand(B, T))
 
-        mask, is_causal = attention_mask_for(attention_mask, cache_position, kv_len)
-        rope = None
-        if self.rotary_emb is not None:
-            rope = self.rotary_emb(position_ids, x.dtype)
-        else:  # ALiBi: fold the causal/padding mask into one additive bias (B|1, H, T, S)
-            bias = alibi_bias(self.alibi_slopes, cache_position, kv_len)
-            if mask is None:
-                mask = torch.ones(T, kv_len, dtype=torch.bool, device=x.device).tril(kv_len - T)[None, None]
-            mask, is_causal = bias.masked_fill(~mask, float("-inf")).to(x.dtype), False
+        groups = attention_plan(attention_mask, cache_position, kv_len, B, self.alibi_slopes)
+        rope = self.rotary_emb(position_ids, x.dtype) if self.rotary_emb is not None else None
 
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 if cache is not None:
                     raise ValueError("gradient checkpointing is for training; it cannot fill a KV cache")
-                x = checkpoint(layer, x, rope, mask, is_causal, use_reentrant=False)
+                x = checkpoint(layer, x, rope, groups, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, is_causal, cache, cache_position, kv_len)
+                x = layer(x, rope, groups, cache, cache_position, kv_len)
             if output_hidden_states:
                 hidden_states.append(x)
         x = self.norm(x)

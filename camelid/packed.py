@@ -11,8 +11,8 @@ the end-to-end effect):
 
 and, as important, a row's result does not depend on how many rows are multiplied with it (MKL's
 sgemm rounds rows of 1-3 differently from rows of 4+; packed oneDNN gives the same bits for any
-M here, which is what makes batched generation batch-invariant; tests/test_generate.py checks
-it). Packed weights are inference-only: frozen, with no gradient. `model.train()` on a packed
+M >= 2, for every Llama shape tried up to 32000x4096, so one row is run as two). That is what
+makes batched generation batch-invariant; tests/test_packed.py and tests/test_generate.py check it. Packed weights are inference-only: frozen, with no gradient. `model.train()` on a packed
 model raises; load with `pack=False` or call `unpack(model)` to train.
 
     model = pack(model)      # in place; a no-op off CPU or where oneDNN is missing
@@ -33,9 +33,8 @@ def available() -> bool:
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
-    # batch_size is oneDNN's hint for the row count it tunes the layout for; results are exact
-    # and, on the CPUs measured, the same bits for every row count (see the module docstring).
-    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 1)
+    # batch_size is oneDNN's hint for the row count it tunes the layout for (2: see forward).
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 2)
 
 
 class PackedLinear(nn.Module):
@@ -53,6 +52,12 @@ class PackedLinear(nn.Module):
             raise TypeError(f"input dtype {x.dtype} does not match the packed weight's {self.weight.dtype}")
         if torch.is_grad_enabled() and x.requires_grad:  # oneDNN's op has no backward: keep dx correct
             return F.linear(x, self.weight.to_dense(), self.bias)
+        if x.numel() == x.shape[-1]:  # one row: oneDNN takes another path that rounds differently
+            # for in_features > 1024 (measured); two rows (the second a copy, dropped) give every
+            # row count the same bits: that is batch invariance, for about 5% of a decode step.
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).expand(2, -1), self.weight, self.bias,
+                                                   "none", [], "")
+            return y[:1].reshape(*x.shape[:-1], -1)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def dense(self) -> nn.Linear:

@@ -207,3 +207,115 @@ def test_bad_words_as_transformers_lists(tiny):
     free = tiny.generate(ids, max_new_tokens=1)[0, -1].item()
     banned = tiny.generate(ids, max_new_tokens=1, bad_words_ids=[[free]])[0, -1].item()
     assert banned != free
+
+
+# ---------------------------------------------------------------------- batch invariance, compaction, logprobs
+
+CHAT_QUESTIONS = ["What is 2+2?", "Name three colors.", "Write a haiku about the sea.", "Who wrote Hamlet?",
+                  "Explain gravity in one sentence.", "List the planets.", "What is the capital of France?",
+                  "Tell me a joke about cats.", "How do I boil an egg?", "Translate 'hello' to Spanish.",
+                  "What is Python?", "Give me a synonym for happy.", "Why is the sky blue?",
+                  "Count from one to ten.", "Describe a tree.", "What is 7 times 8?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_packed():
+    from camelid import packed
+
+    if not packed.available():
+        pytest.skip("torch built without oneDNN")
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    return packed.pack(model.eval())
+
+
+def _left_pad(rows, pad=0):
+    width = max(map(len, rows))
+    return (torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
+
+def test_batched_log_probabilities_are_bit_identical_to_each_row_alone(tiny_packed):
+    """Not just the same tokens: the same bits, at every batch size and order (packed linears give
+    row results independent of the row count; attention_plan gives each row its own keys)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 14, (9,), generator=g)]
+
+    def run(rows):
+        ids, mask = _left_pad(rows)
+        steps = list(generate_tokens(tiny_packed, ids, mask, max_new_tokens=10, logprobs=3))
+        return [torch.stack([s.top_logprobs[k] for s in steps]) for k in range(len(rows))]
+
+    alone = [run([p])[0] for p in prompts]
+    for size in (2, 3, 4, 5, 9):
+        order = torch.randperm(9, generator=g)[:size].tolist()
+        for k, got in enumerate(run([prompts[i] for i in order])):
+            assert torch.equal(got, alone[order[k]]), (size, order, k)
+
+
+@pytest.mark.slow
+def test_batch_invariance_on_the_default_model_at_sizes_1_to_16(model, smollm2_tokenizer):
+    """Greedy output of a batch equals each prompt alone, token for token, for every batch size
+    from 1 to 16 with the prompts in a shuffled order."""
+    import random
+
+    prompts = [[{"role": "user", "content": q}] for q in CHAT_QUESTIONS]
+    alone = [generate(model, smollm2_tokenizer, [p], max_new_tokens=20, chat=True)[0].tokens for p in prompts]
+    rng = random.Random(0)
+    for size in range(1, 17):
+        order = rng.sample(range(16), size)
+        out = generate(model, smollm2_tokenizer, [prompts[i] for i in order], max_new_tokens=20, chat=True)
+        assert [c.tokens for c in out] == [alone[i] for i in order], f"batch of {size}: {order}"
+
+
+def test_finished_rows_leave_the_batch(tiny_packed):
+    prompts = [[5, 17, 3], [9, 1, 44, 60, 2], [70, 8]]
+    free = [[s.tokens[0].item() for s in generate_tokens(tiny_packed, torch.tensor([p]), max_new_tokens=8)]
+            for p in prompts]
+    eos = free[1][2]  # row 1 stops on its first emission of this token
+    stop = free[1].index(eos)
+    assert eos not in free[0] and eos not in free[2], "pick prompts whose other rows never emit it"
+    sizes = []
+    real_forward = tiny_packed.forward
+
+    def counting_forward(*args, **kwargs):
+        sizes.append((args[0] if args else kwargs["input_ids"]).shape[0])
+        return real_forward(*args, **kwargs)
+
+    tiny_packed.forward = counting_forward
+    try:
+        ids, mask = _left_pad(prompts)
+        steps = list(generate_tokens(tiny_packed, ids, mask, max_new_tokens=8, eos_token_ids=[eos], pad_token_id=0))
+    finally:
+        del tiny_packed.forward
+    assert sizes == [3] + [3] * stop + [2] * (7 - stop)  # prefill, decode at 3 rows, then at 2
+    assert steps[stop].reasons == [None, "stop", None] and steps[-1].reasons == ["length", None, "length"]
+    for k in (0, 2):
+        assert [s.tokens[k].item() for s in steps] == free[k]
+    assert [s.tokens[1].item() for s in steps][stop + 1:] == [0] * (7 - stop)  # padding after its stop
+
+
+def test_logprobs_are_the_log_softmax_of_the_full_forward(tiny):
+    ids = torch.tensor([[5, 17, 3, 9]])
+    steps = list(generate_tokens(tiny, ids, max_new_tokens=6, logprobs=4))
+    new = torch.tensor([[s.tokens[0].item() for s in steps]])
+    with torch.no_grad():
+        ref = tiny(torch.cat([ids, new], 1)).logits[0, 3:-1].log_softmax(-1)
+    for t, s in enumerate(steps):
+        assert torch.allclose(s.logprobs[0], ref[t, new[0, t]], atol=1e-5)
+        top, top_ids = ref[t].topk(4)
+        assert torch.allclose(s.top_logprobs[0], top, atol=1e-5) and torch.equal(s.top_ids[0], top_ids)
+        assert s.top_ids[0, 0] == s.tokens[0]  # greedy takes the most likely token
+    assert steps[0].top_logprobs.shape == (1, 4)
+    no_top = next(generate_tokens(tiny, ids, max_new_tokens=1, logprobs=0))
+    assert no_top.logprobs is not None and no_top.top_logprobs is None
+    assert next(generate_tokens(tiny, ids, max_new_tokens=1)).logprobs is None
+
+
+@pytest.mark.parametrize("n", [-1, 2.5, 10 ** 6])
+def test_bad_logprobs_count(tiny, n):
+    with pytest.raises(ValueError, match="top_n"):
+        next(generate_tokens(tiny, torch.tensor([[5, 17]]), max_new_tokens=1, logprobs=n))
