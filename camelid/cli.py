@@ -5,6 +5,7 @@
   camelid convert SRC DST --to hf|gguf     convert, reload, and report the max logit difference
   camelid generate [--model M] PROMPT      stream a completion (chat template applied by default)
   camelid chat [--model M]                 interactive multi-turn chat (/reset, /exit)
+  camelid bench [--model M]                time to first token, prefill and decode tok/s, peak RSS
 """
 
 from __future__ import annotations
@@ -139,11 +140,15 @@ def _sampling_args(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
+                   help="speculative decoding: draft up to K tokens by prompt lookup (greedy; same output, faster "
+                        "when the answer copies the prompt)")
 
 
 def _sampling(args) -> dict:
     return dict(do_sample=args.temperature > 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                prompt_lookup_num_tokens=args.prompt_lookup)
 
 
 def _load(args):
@@ -206,6 +211,32 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from .benchmark import HEADER, measure, weight_bytes
+    from .model import LlamaForCausalLM
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.new <= 0 or args.prompt_len <= 0:
+        raise ValueError(f"--new and --prompt-len must be positive, got {args.new} and {args.prompt_len}")
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    if args.prompt_len + 1 >= model.config.max_position_embeddings:
+        raise ValueError(f"--prompt-len {args.prompt_len} leaves no room in the model's context "
+                         f"({model.config.max_position_embeddings})")
+    figures = measure(lambda ids, n: model.generate(ids, max_new_tokens=n, min_new_tokens=n), model.config.vocab_size,
+                      new=args.new, long=args.prompt_len)
+    wb = weight_bytes(model)
+    print(f"{args.model or 'smollm2-135m-instruct'}, {model.dtype}, {torch.get_num_threads()} threads, "
+          f"{args.new} new tokens, prefill over {args.prompt_len} tokens; weights {wb / 2**20:.0f} MiB")
+    print(HEADER)
+    print(figures.row("camelid"))
+    print(f"decode b1 weight-read bandwidth {wb * figures.decode1 / 1e9:.1f} GB/s; "
+          f"b8/b1 throughput {figures.decode8 / figures.decode1:.2f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="The Llama model family in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat with the model's template")
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="time to first token, prefill and decode tok/s (batch 1 and 8), peak RSS")
+    p.add_argument("--model", default=None, help="model name or path (default: smollm2-135m-instruct)")
+    p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
+    p.add_argument("--new", type=int, default=64, help="new tokens per decode run")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens for the prefill figure")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -46,13 +46,16 @@ def check_generation_args(input_ids: torch.Tensor, max_new_tokens: int, context:
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     params: SamplingParams | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0,
                     eos_token_ids=(), pad_token_id: int | None = None, context: int | None = None,
-                    logprobs: int | None = None) -> Iterator[Step]:
+                    logprobs: int | None = None, halted: set[int] | None = None) -> Iterator[Step]:
     """Yield one Step per generated position until every row has finished.
 
     logprobs: None, or n >= 0 to report each new token's log-probability and the n most likely
     alternatives. Rows that finish are dropped from the batch (and from the KV cache), so they
     stop costing compute; each row's numbers do not depend on its neighbours (attention_plan in
-    model.py, packed linears on CPU), so that changes no output."""
+    model.py, packed linears on CPU), so that changes no output.
+
+    halted: a set the caller may add row indices to between steps (a stop string matched, a
+    client went away): those rows leave the batch before the next forward and emit padding."""
     params = params or SamplingParams()
     config = model.config
     context = context or config.max_position_embeddings
@@ -99,12 +102,17 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         finished = finished.clone()
         finished[rows] = hit_eos | last
         yield Step(out, finished, reasons, *_logprobs(logits, nxt, rows, B, logprobs))
+        done = hit_eos
+        if halted:
+            done = done | torch.isin(rows, torch.tensor(sorted(halted), dtype=rows.dtype, device=device))
+            finished = finished.clone()
+            finished[rows[done]] = True
         if bool(finished.all()):
             return
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], dim=1)
-        if bool(hit_eos.any()):  # drop the rows that just finished
-            live = (~hit_eos).nonzero().squeeze(1)
+        if bool(done.any()):  # drop the rows that just finished
+            live = (~done).nonzero().squeeze(1)
             rows, tokens, mask, n_prompt, nxt = rows[live], tokens[live], mask[live], n_prompt[live], nxt[live]
             cache.keep(live)
         logits = model(nxt[:, None], attention_mask=mask, cache=cache,
@@ -135,10 +143,13 @@ HF_SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "typi
 
 def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
                    eos_token_id=None, pad_token_id=None, streamer=None, use_cache: bool = True,  # always cached
-                   max_length: int | None = None, **kwargs) -> torch.Tensor:
+                   max_length: int | None = None, assistant_model=None, prompt_lookup_num_tokens: int | None = None,
+                   max_matching_ngram_size: int = 3, num_assistant_tokens: int = 5, **kwargs) -> torch.Tensor:
     """`model.generate(...)` with transformers' keyword names: returns [B, prompt + new] token ids,
     finished rows padded with pad_token_id. Sampling defaults follow transformers (top_k=50 when
-    do_sample=True and top_k is not given)."""
+    do_sample=True and top_k is not given). assistant_model= (a draft model) or
+    prompt_lookup_num_tokens= turn on speculative decoding (camelid.speculative): greedy, one
+    row, the very tokens of plain greedy decoding."""
     unknown = set(kwargs) - HF_SAMPLING_KEYS
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -154,14 +165,41 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
     if streamer is not None:
         streamer.put(input_ids.cpu())
     out = [input_ids.to(model.device)]
-    for step in generate_tokens(model, input_ids, attention_mask, params=params, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad):
+    if assistant_model is not None or prompt_lookup_num_tokens is not None:
+        from .speculative import speculative_tokens
+
+        drafter = (dict(draft_model=assistant_model, num_assistant_tokens=num_assistant_tokens)
+                   if assistant_model is not None else
+                   dict(prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_ngram_size=max_matching_ngram_size))
+        if assistant_model is not None and prompt_lookup_num_tokens is not None:
+            drafter["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens  # rejected: one drafter at a time
+        steps = speculative_tokens(model, _unpadded(input_ids, attention_mask), params=params,
+                                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_ids=eos,
+                                   **drafter)
+    else:
+        steps = generate_tokens(model, input_ids, attention_mask, params=params, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad)
+    for step in steps:
         out.append(step.tokens[:, None])
         if streamer is not None:
             streamer.put(step.tokens.cpu())
     if streamer is not None:
         streamer.end()
     return torch.cat(out, dim=1)
+
+
+def _unpadded(input_ids, attention_mask):
+    """A one-row prompt without its left padding (speculative decoding runs one row)."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding (assistant_model / prompt_lookup_num_tokens) supports batch size 1, "
+                         f"got input_ids of shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return input_ids
+    real = attention_mask[0].bool()
+    start = int(real.long().argmax()) if bool(real.any()) else input_ids.shape[1]
+    if not bool(real[start:].all()):
+        raise ValueError("speculative decoding needs a left-padded attention_mask (zeros, then ones)")
+    return input_ids[:, start:]
 
 
 # ---------------------------------------------------------------------- text in, text out
@@ -174,10 +212,12 @@ class Completion:
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat: bool = False,
-             min_new_tokens: int = 0, on_text=None, **sampling) -> list[Completion]:
+             min_new_tokens: int = 0, on_text=None, assistant_model=None, prompt_lookup_num_tokens: int | None = None,
+             **sampling) -> list[Completion]:
     """Generate for a list of prompts (strings, or message lists with chat=True). Stop strings
     are matched across token boundaries and trimmed from the text. `on_text(row, delta)` is
-    called with each new piece of text (an incremental detokenizer: never half a character)."""
+    called with each new piece of text (an incremental detokenizer: never half a character).
+    assistant_model= or prompt_lookup_num_tokens= decode one greedy prompt speculatively."""
     from .tokenizer import IncrementalDecoder
 
     single = isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict))
@@ -203,8 +243,20 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat:
     texts, tokens, reasons = [""] * len(rows), [[] for _ in rows], [None] * len(rows)
     emitted = [0] * len(rows)  # characters of texts[r] already passed to on_text
     hold = max(map(len, stop), default=1) - 1  # a tail this long may still become a stop string
-    for step in generate_tokens(model, ids, mask, params=params, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad):
+    halted: set[int] = set()  # rows a stop string ended: generate_tokens drops them from the batch
+    if assistant_model is not None or prompt_lookup_num_tokens is not None:
+        from .speculative import speculative_tokens
+
+        if len(rows) != 1:
+            raise ValueError(f"speculative decoding takes one prompt, got {len(rows)}")
+        drafter = {k: v for k, v in (("draft_model", assistant_model),
+                                     ("prompt_lookup_num_tokens", prompt_lookup_num_tokens)) if v is not None}
+        steps = speculative_tokens(model, ids, params=params, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=min_new_tokens, eos_token_ids=eos, **drafter)
+    else:
+        steps = generate_tokens(model, ids, mask, params=params, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, halted=halted)
+    for step in steps:
         for r, token in enumerate(step.tokens.tolist()):
             if reasons[r] is not None:
                 continue
@@ -220,6 +272,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat:
             hit = _find_stop(texts[r], stop, max(0, before - hold))
             if hit is not None:
                 texts[r], reasons[r] = texts[r][:hit], "stop"
+                halted.add(r)
             safe = len(texts[r]) if reasons[r] is not None else max(emitted[r], len(texts[r]) - hold)
             if on_text and safe > emitted[r]:
                 on_text(r, texts[r][emitted[r]:safe])

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from camelid.cli import main
 
 
@@ -111,3 +113,48 @@ def test_chat_repl_keeps_history_and_resets(smollm2_gguf, capsys, monkeypatch):
     assert main(["chat", "--model", str(smollm2_gguf), "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out and "(history cleared)" in captured.err
+
+
+def test_generate_with_prompt_lookup_gives_the_greedy_text(smollm2_gguf, capsys):
+    import json as _json
+
+    prompt = "Repeat exactly: one two three four five six seven eight nine ten"
+    texts = []
+    for extra in ([], ["--prompt-lookup", "8"]):
+        assert main(["generate", "--model", str(smollm2_gguf), prompt, "--json", "--max-new-tokens", "24", *extra]) == 0
+        texts.append(_json.loads(capsys.readouterr().out)["text"])
+    assert texts[0] == texts[1] and "five" in texts[0]
+    assert main(["generate", "--model", str(smollm2_gguf), "hi", "--prompt-lookup", "4", "--temperature", "0.7"]) == 2
+    assert "greedy" in capsys.readouterr().err
+
+
+def _tiny_checkpoint(path):
+    import torch
+
+    from camelid import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(path)
+    return str(path)
+
+
+def test_bench_prints_every_figure(tmp_path, capsys):
+    model = _tiny_checkpoint(tmp_path / "tiny")
+    assert main(["bench", "--model", model, "--new", "3", "--prompt-len", "16", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT s" in out and "prefill tok/s" in out and "decode b8" in out and "peak MiB" in out
+    figures = out.splitlines()[2].split()
+    assert figures[0] == "camelid" and all(float(x) > 0 for x in figures[1:]), out
+    assert "GB/s" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--new", "0"], "--new and --prompt-len must be positive"),
+    (["--prompt-len", "-3"], "--new and --prompt-len must be positive"),
+    (["--prompt-len", "64"], "no room"),
+])
+def test_bench_bad_input(tmp_path, capsys, flags, message):
+    assert main(["bench", "--model", _tiny_checkpoint(tmp_path / "tiny"), *flags]) == 2
+    assert message in capsys.readouterr().err

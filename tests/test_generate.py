@@ -298,6 +298,54 @@ def test_finished_rows_leave_the_batch(tiny_packed):
     assert [s.tokens[1].item() for s in steps][stop + 1:] == [0] * (7 - stop)  # padding after its stop
 
 
+def test_halted_rows_leave_the_batch(tiny_packed):
+    """A caller (generate's stop strings, a server whose client left) ends a row between steps."""
+    prompts = [[5, 17, 3], [9, 1, 44, 60, 2], [70, 8]]
+    free = [[s.tokens[0].item() for s in generate_tokens(tiny_packed, torch.tensor([p]), max_new_tokens=8)]
+            for p in prompts]
+    sizes, real_forward = [], tiny_packed.forward
+    tiny_packed.forward = lambda *a, **k: (sizes.append(a[0].shape[0]), real_forward(*a, **k))[1]
+    halted, got = set(), []
+    try:
+        ids, mask = _left_pad(prompts)
+        for i, step in enumerate(generate_tokens(tiny_packed, ids, mask, max_new_tokens=8, pad_token_id=0,
+                                                 halted=halted)):
+            got.append(step.tokens.tolist())
+            if i == 2:
+                halted.add(0)
+    finally:
+        del tiny_packed.forward
+    assert sizes == [3, 3, 3, 2, 2, 2, 2, 2]  # prefill, 2 steps at 3 rows, then row 0 is gone
+    assert [g[0] for g in got] == free[0][:3] + [0] * 5
+    assert [g[1] for g in got] == free[1] and [g[2] for g in got] == free[2]
+
+
+def test_a_stop_string_ends_its_row_early(tiny, monkeypatch):
+    """generate() hands rows a stop string ended to generate_tokens, which stops computing them."""
+    import camelid.generate as gen
+
+    seen = []
+    real = gen.generate_tokens
+
+    def spy(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            seen.append(step.finished.tolist())
+            yield step
+
+    class Tok:  # one character per token id: text positions are token positions
+        eos_token_ids, pad_token_id, eos_token_id = [96], 0, 96
+        encode = staticmethod(lambda text: [ord(c) % 90 + 1 for c in text])
+        decode = staticmethod(lambda ids, *args, **kw: "".join(chr(33 + i % 90) for i in ids))
+
+    monkeypatch.setattr(gen, "generate_tokens", spy)
+    free = gen.generate(tiny, Tok, ["hello", "abc"], max_new_tokens=12)
+    stop = free[0].text[3:5]
+    seen.clear()
+    out = gen.generate(tiny, Tok, ["hello", "abc"], max_new_tokens=12, stop=[stop])
+    assert out[0].text == free[0].text[:free[0].text.index(stop)] and out[0].finish_reason == "stop"
+    assert len(seen) == 12 and seen[6][0]  # row 0 is finished in the generator soon after its stop
+
+
 def test_logprobs_are_the_log_softmax_of_the_full_forward(tiny):
     ids = torch.tensor([[5, 17, 3, 9]])
     steps = list(generate_tokens(tiny, ids, max_new_tokens=6, logprobs=4))
