@@ -42,7 +42,11 @@ def main():
                                    min_new_tokens=new, do_sample=False, pad_token_id=2)
 
     # peak RSS is the process's: both models are loaded by now, so it is shared, not per engine
+    # pack=False: plain nn.Linear weights (torch's BLAS), faster on some CPUs but not batch-invariant
+    unpacked = LlamaForCausalLM.from_pretrained(path, dtype=dtype, pack=False)
     rows = {"camelid": measure(lambda ids, n: ours.generate(ids, max_new_tokens=n, min_new_tokens=n), V, args.new),
+            "camelid pack=False": measure(lambda ids, n: unpacked.generate(ids, max_new_tokens=n, min_new_tokens=n),
+                                          V, args.new),
             "transformers": measure(run_theirs, V, args.new)}
     try:
         from llama_cpp import Llama
@@ -69,7 +73,9 @@ def main():
     print(HEADER)
     for name, r in rows.items():
         print(r.row(name))
-    a, b = rows["camelid"], rows["transformers"]
+    a, b, u = rows["camelid"], rows["transformers"], rows["camelid pack=False"]
+    print(f"camelid pack=False / transformers: decode b1 {u.decode1 / b.decode1:.2f}x, decode b8 "
+          f"{u.decode8 / b.decode8:.2f}x (not batch-invariant)")
     print(f"camelid / transformers: TTFT {b.ttft / a.ttft:.2f}x faster, prefill {a.prefill / b.prefill:.2f}x, "
           f"decode b1 {a.decode1 / b.decode1:.2f}x, decode b8 {a.decode8 / b.decode8:.2f}x; "
           f"camelid b8/b1 throughput {a.decode8 / a.decode1:.2f}x")

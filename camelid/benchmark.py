@@ -25,11 +25,11 @@ class Figures:
     peak_rss: int  # bytes, the whole process so far (everything it loaded counts)
 
     def row(self, name: str) -> str:
-        return (f"{name:16} {self.ttft:8.3f} {self.prefill:14.1f} {self.decode1:12.1f} {self.decode8:12.1f} "
+        return (f"{name:18} {self.ttft:8.3f} {self.prefill:14.1f} {self.decode1:12.1f} {self.decode8:12.1f} "
                 f"{self.peak_rss / 2**20:10.0f}")
 
 
-HEADER = f"{'':16} {'TTFT s':>8} {'prefill tok/s':>14} {'decode b1':>12} {'decode b8':>12} {'peak MiB':>10}"
+HEADER = f"{'':18} {'TTFT s':>8} {'prefill tok/s':>14} {'decode b1':>12} {'decode b8':>12} {'peak MiB':>10}"
 
 
 def timed(fn: Callable, repeats: int = 3):

@@ -216,19 +216,21 @@ def cmd_bench(args) -> int:
 
     from .benchmark import HEADER, measure, weight_bytes
     from .model import LlamaForCausalLM
+    from .packed import is_packed
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.new <= 0 or args.prompt_len <= 0:
         raise ValueError(f"--new and --prompt-len must be positive, got {args.new} and {args.prompt_len}")
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, pack=False if args.no_pack else None)
     if args.prompt_len + 1 >= model.config.max_position_embeddings:
         raise ValueError(f"--prompt-len {args.prompt_len} leaves no room in the model's context "
                          f"({model.config.max_position_embeddings})")
-    figures = measure(lambda ids, n: model.generate(ids, max_new_tokens=n, min_new_tokens=n), model.config.vocab_size,
-                      new=args.new, long=args.prompt_len)
+    figures = measure(lambda ids, n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, compile=args.compile),
+                      model.config.vocab_size, new=args.new, long=args.prompt_len)
     wb = weight_bytes(model)
-    print(f"{args.model or 'smollm2-135m-instruct'}, {model.dtype}, {torch.get_num_threads()} threads, "
+    print(f"{args.model or 'smollm2-135m-instruct'}, {model.dtype}{', compiled' if args.compile else ''}, "
+          f"{'packed' if is_packed(model) else 'unpacked'} linears, {torch.get_num_threads()} threads, "
           f"{args.new} new tokens, prefill over {args.prompt_len} tokens; weights {wb / 2**20:.0f} MiB")
     print(HEADER)
     print(figures.row("camelid"))
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", type=int, default=64, help="new tokens per decode run")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens for the prefill figure")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
+    p.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (not batch-invariant on CPU)")
     p.set_defaults(func=cmd_bench)
     return parser
 

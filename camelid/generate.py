@@ -11,6 +11,7 @@ max_new_tokens, or the end of the model's context); a finished row emits padding
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -46,7 +47,8 @@ def check_generation_args(input_ids: torch.Tensor, max_new_tokens: int, context:
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     params: SamplingParams | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0,
                     eos_token_ids=(), pad_token_id: int | None = None, context: int | None = None,
-                    logprobs: int | None = None, halted: set[int] | None = None) -> Iterator[Step]:
+                    logprobs: int | None = None, halted: set[int] | None = None,
+                    compile: bool = False) -> Iterator[Step]:
     """Yield one Step per generated position until every row has finished.
 
     logprobs: None, or n >= 0 to report each new token's log-probability and the n most likely
@@ -55,7 +57,11 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     model.py, packed linears on CPU), so that changes no output.
 
     halted: a set the caller may add row indices to between steps (a stop string matched, a
-    client went away): those rows leave the batch before the next forward and emit padding."""
+    client went away): those rows leave the batch before the next forward and emit padding.
+
+    compile: run the one-token decode steps through torch.compile (see compiled_decoder; needs a
+    model loaded with pack=False); the prefill stays eager. Off by default: it compiles for minutes
+    on a small CPU and is not batch-invariant (README has the measured trade-off)."""
     params = params or SamplingParams()
     config = model.config
     context = context or config.max_position_embeddings
@@ -80,6 +86,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     rng = make_generator(params.seed, device)
     n_prompt = mask.sum(-1)
 
+    decode = compiled_decoder(model) if compile else model
     cache = KVCache(config, B, T0 + budget, dtype=model.dtype, device=device)
     logits = model(input_ids, attention_mask=mask, cache=cache, cache_position=torch.arange(T0, device=device),
                    logits_to_keep=1).logits[:, -1]
@@ -115,8 +122,26 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             live = (~done).nonzero().squeeze(1)
             rows, tokens, mask, n_prompt, nxt = rows[live], tokens[live], mask[live], n_prompt[live], nxt[live]
             cache.keep(live)
-        logits = model(nxt[:, None], attention_mask=mask, cache=cache,
-                       cache_position=torch.tensor([T0 + step], device=device), logits_to_keep=1).logits[:, -1]
+        logits = decode(nxt[:, None], attention_mask=mask, cache=cache,
+                        cache_position=torch.tensor([T0 + step], device=device), logits_to_keep=1).logits[:, -1]
+
+
+_compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model):
+    """`model` through torch.compile, once per model (dynamic shapes: the mask grows one column
+    per step and the batch shrinks as rows finish, which must not recompile every step). The
+    graph breaks where the model reads the cache position and the padding layout as Python
+    numbers (kv_len, attention_plan): those decide shapes, so they stay eager."""
+    from .packed import is_packed
+
+    if is_packed(model):  # inductor cannot lower mkldnn._linear_pointwise on these inputs (measured)
+        raise ValueError("compile=True needs plain linear weights: load with pack=False (torch.compile does its "
+                         "own weight layout)")
+    if model not in _compiled:
+        _compiled[model] = torch.compile(model, dynamic=True)
+    return _compiled[model]
 
 
 def _logprobs(logits, nxt, rows, B, n):
@@ -144,12 +169,13 @@ HF_SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "typi
 def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
                    eos_token_id=None, pad_token_id=None, streamer=None, use_cache: bool = True,  # always cached
                    max_length: int | None = None, assistant_model=None, prompt_lookup_num_tokens: int | None = None,
-                   max_matching_ngram_size: int = 3, num_assistant_tokens: int = 5, **kwargs) -> torch.Tensor:
+                   max_matching_ngram_size: int = 3, num_assistant_tokens: int = 5, compile: bool = False,
+                   **kwargs) -> torch.Tensor:
     """`model.generate(...)` with transformers' keyword names: returns [B, prompt + new] token ids,
     finished rows padded with pad_token_id. Sampling defaults follow transformers (top_k=50 when
     do_sample=True and top_k is not given). assistant_model= (a draft model) or
     prompt_lookup_num_tokens= turn on speculative decoding (camelid.speculative): greedy, one
-    row, the very tokens of plain greedy decoding."""
+    row, the very tokens of plain greedy decoding. compile=True: decode steps through torch.compile."""
     unknown = set(kwargs) - HF_SAMPLING_KEYS
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -178,7 +204,7 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
                                    **drafter)
     else:
         steps = generate_tokens(model, input_ids, attention_mask, params=params, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad)
+                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, compile=compile)
     for step in steps:
         out.append(step.tokens[:, None])
         if streamer is not None:

@@ -200,12 +200,14 @@ def speculative_tokens(model, input_ids: torch.Tensor, *, draft_model=None, prom
                        max_ngram_size: int = 3, num_assistant_tokens: int = 5, max_new_tokens: int,
                        min_new_tokens: int = 0, params: SamplingParams | None = None,
                        eos_token_ids=(), context: int | None = None,
-                       stats: SpeculativeStats | None = None) -> Iterator[Step]:
+                       stats: SpeculativeStats | None = None, adaptive: bool = True) -> Iterator[Step]:
     """Yield one Step per token (tokens [1]), the same Steps as greedy `generate_tokens` with the
     same params and min_new_tokens: reason "stop" on an EOS id, "length" at max_new_tokens or the
     end of the model's context. params must be greedy; its logit processors (repetition penalty,
     no-repeat n-grams, bad words, logit bias, penalties) apply to each verified row with the text
-    that row follows."""
+    that row follows. adaptive: the number of drafts per round follows the acceptance (as
+    transformers' "heuristic" schedule): up to k_max while drafts are accepted, down to 1 while
+    they are not, so text the drafter cannot predict costs little more than plain decoding."""
     params = params or SamplingParams()
     _check(model, input_ids, draft_model, prompt_lookup_num_tokens, max_ngram_size, num_assistant_tokens, params)
     context = context or model.config.max_position_embeddings
@@ -230,6 +232,7 @@ def speculative_tokens(model, input_ids: torch.Tensor, *, draft_model=None, prom
                    cache_position=torch.arange(T0, device=device), logits_to_keep=1).logits[:, -1]
     stats.target_forwards += 1
     tokens, emitted = ids[0].tolist(), 0
+    k_now = k_max  # drafts per round: +2 after a round that accepts all, -1 after one that does not
     choices = choose(logits, tokens, [], 0)
     while True:
         for token in choices:  # each is the greedy choice after the tokens before it
@@ -240,7 +243,7 @@ def speculative_tokens(model, input_ids: torch.Tensor, *, draft_model=None, prom
                        finished=torch.tensor([reason is not None], device=device), reasons=[reason])
             if reason is not None:
                 return
-        k = min(k_max, budget - emitted - 1)  # a round emits up to k + 1 tokens: never past the budget
+        k = min(k_now, budget - emitted - 1)  # a round emits up to k + 1 tokens: never past the budget
         if k == 0:
             drafts = []
         else:
@@ -262,6 +265,8 @@ def speculative_tokens(model, input_ids: torch.Tensor, *, draft_model=None, prom
                     break
         n_ok = next((i for i, d in enumerate(drafts) if greedy[i] != d), len(drafts))
         stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + n_ok
+        if adaptive and drafts:  # rejected rows cost a verify forward more than they save
+            k_now = min(k_max, k_now + 2) if n_ok == len(drafts) else max(1, k_now - 1)
         choices = greedy[:n_ok + 1]
         if drafter:
             drafter.rollback(p + 1 + n_ok)  # the last token and the accepted drafts

@@ -367,3 +367,24 @@ def test_logprobs_are_the_log_softmax_of_the_full_forward(tiny):
 def test_bad_logprobs_count(tiny, n):
     with pytest.raises(ValueError, match="top_n"):
         next(generate_tokens(tiny, torch.tensor([[5, 17]]), max_new_tokens=1, logprobs=n))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own use of torch.jit
+def test_compiled_decode_gives_the_eager_tokens(tiny):
+    """compile=True runs the decode steps through torch.compile: same greedy tokens, one compiled
+    module per model, batches that shrink as rows finish included."""
+    from camelid.generate import compiled_decoder
+
+    ids, mask = _left_pad([[5, 17, 3, 44], [9, 1], [70, 8, 2]])
+    eos = [int(generate_tokens(tiny, ids[:1], max_new_tokens=6).__next__().tokens[0])]  # row 0 stops at once
+    eager = [s.tokens.tolist() for s in generate_tokens(tiny, ids, mask, max_new_tokens=12, eos_token_ids=eos)]
+    compiled = [s.tokens.tolist() for s in generate_tokens(tiny, ids, mask, max_new_tokens=12, eos_token_ids=eos,
+                                                           compile=True)]
+    assert compiled == eager
+    assert compiled_decoder(tiny) is compiled_decoder(tiny)
+
+
+def test_compile_refuses_a_packed_model(tiny_packed):
+    with pytest.raises(ValueError, match="pack=False"):
+        next(generate_tokens(tiny_packed, torch.tensor([[1, 2, 3]]), max_new_tokens=2, compile=True))

@@ -156,6 +156,21 @@ def test_a_random_draft_is_rejected_and_still_exact():
     assert stats.drafted > 0 and stats.acceptance_rate < 0.3
 
 
+def test_drafts_per_round_follow_the_acceptance():
+    """A drafter that is always wrong gets one draft a round (rejected rows cost verify work);
+    one that is always right keeps k_max. Output is exact either way."""
+    model, bad = tiny(), tiny(seed=7, linear=None, num_hidden_layers=1)
+    stats = {}
+    for adaptive in (True, False):
+        stats[adaptive] = SpeculativeStats()
+        assert speculative(model, PROMPT, 30, stats=stats[adaptive], draft_model=bad, adaptive=adaptive) == \
+            greedy(model, PROMPT, 30)
+    assert stats[True].drafted < stats[False].drafted / 2
+    good = SpeculativeStats()
+    speculative(model, PROMPT, 30, stats=good, draft_model=model, num_assistant_tokens=4)
+    assert good.drafted == 30 - good.target_forwards and good.acceptance_rate == 1.0  # k_max every round
+
+
 def test_eos_inside_an_accepted_draft_stops_there():
     model = tiny()
     ref = greedy(model, PROMPT, 30)
