@@ -6,6 +6,8 @@
   camelid generate [--model M] PROMPT      stream a completion (chat template applied by default)
   camelid chat [--model M]                 interactive multi-turn chat (/reset, /exit)
   camelid bench [--model M]                time to first token, prefill and decode tok/s, peak RSS
+  camelid quantize SRC DST --bits 4|8      weight-only int8 / int4 / nf4 checkpoint that reloads quantized
+  camelid perplexity MODEL TEXT_FILE       sliding-window perplexity; --kl-reference M for KL divergence
 """
 
 from __future__ import annotations
@@ -239,6 +241,52 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from pathlib import Path
+
+    from .formats import load_pretrained
+    from .quantize import quantization_summary, weight_bytes
+
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()) if dst.is_dir() else dst.exists():
+        raise ValueError(f"{dst} exists and is not an empty folder: choose a new destination")
+    flags = dict(load_in_8bit=True) if args.bits == 8 else dict(
+        load_in_4bit=True, bnb_4bit_quant_type=args.format, group_size=args.group_size)
+    if args.bits == 8 and (args.group_size is not None or args.format != "int4"):
+        raise ValueError("--group-size and --format apply to --bits 4")
+    model = load_pretrained(args.src, **flags)
+    model.save_pretrained(dst)
+    summary = quantization_summary(model)
+    print(f"{args.src} -> {dst}: {summary}; weights {weight_bytes(model) / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    from .formats import load_pretrained
+    from .perplexity import kl_divergence, perplexity
+    from .tokenizer import Tokenizer
+
+    text_file = Path(args.text_file)
+    if not text_file.is_file():
+        raise ValueError(f"{text_file}: no such text file")
+    flags = dict(load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
+    model = load_pretrained(args.model, **flags)
+    ids = Tokenizer.from_pretrained(args.model).encode(text_file.read_text(encoding="utf-8"))
+    ids = ids[:args.max_tokens] if args.max_tokens else ids
+    if args.kl_reference:
+        ref = load_pretrained(args.kl_reference)
+        d = kl_divergence(model, ref, ids, context=args.context, stride=args.stride)
+        print(f"{d.model.tokens} tokens scored, context {args.context}: perplexity {d.model.value:.4f} "
+              f"(reference {d.reference.value:.4f}, {100 * (d.model.value / d.reference.value - 1):+.2f}%), "
+              f"mean KL {d.mean_kl:.5f} nats, top-1 agreement {100 * d.top1_agreement:.2f}%")
+    else:
+        p = perplexity(model, ids, context=args.context, stride=args.stride)
+        print(f"{p.tokens} tokens scored, context {args.context}: perplexity {p.value:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="The Llama model family in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +329,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
     p.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (not batch-invariant on CPU)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quantize", help="write a weight-only quantized checkpoint (reloads without re-quantizing)")
+    p.add_argument("src", help="HF folder, .gguf file, Meta folder, or model name")
+    p.add_argument("dst", help="output folder (new or empty)")
+    p.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    p.add_argument("--group-size", type=int, default=None, help="int4: 32 (default) | 64 | 128 | 256")
+    p.add_argument("--format", choices=["int4", "nf4"], default="int4", help="4-bit codes (default int4)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file (sliding window)")
+    p.add_argument("model", help="model name or path")
+    p.add_argument("text_file")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default context/2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--load-in-8bit", action="store_true")
+    p.add_argument("--load-in-4bit", action="store_true")
+    p.add_argument("--kl-reference", default=None, metavar="MODEL",
+                   help="also report the KL divergence from this model's distributions, and top-1 agreement")
+    p.set_defaults(func=cmd_perplexity)
     return parser
 
 

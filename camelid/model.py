@@ -352,11 +352,12 @@ class LlamaForCausalLM(nn.Module):
     # ------------------------------------------------------------------ conveniences
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device  # a float tensor whatever transform holds the linears
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype (linears may hold packed or quantized weights)."""
+        return self.model.norm.weight.dtype
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied lm_head counts once), as transformers counts them."""
@@ -400,6 +401,12 @@ class LlamaForCausalLM(nn.Module):
         return model_generate(self, input_ids, attention_mask, **kwargs)
 
     def save_pretrained(self, directory, **kwargs):
+        """A HF folder (safetensors, written atomically); a quantized model keeps its codes and
+        reloads quantized (camelid.quantize.save_quantized)."""
+        from .quantize import is_quantized, save_quantized
+
+        if is_quantized(self):
+            return save_quantized(self, directory, **kwargs)
         from .formats.hf import save_pretrained
 
         return save_pretrained(self, directory, **kwargs)

@@ -438,6 +438,7 @@ def quantization_summary(model: nn.Module) -> dict:
     layers (lm_head aside) differ, as a GGUF with several types can make them."""
     kinds = {name: (m.format, getattr(m, "group_size", None)) for name, m in model.named_modules()
              if isinstance(m, QuantizedLinear)}
+    kinds.pop("model.embed_tokens.table", None)  # an untied table takes the lm_head's format
     head = kinds.pop("lm_head", None)
     head = head and head[0] + (f"_g{head[1]}" if head[1] else "")
     if len(set(kinds.values())) == 1:

@@ -158,3 +158,54 @@ def test_bench_prints_every_figure(tmp_path, capsys):
 def test_bench_bad_input(tmp_path, capsys, flags, message):
     assert main(["bench", "--model", _tiny_checkpoint(tmp_path / "tiny"), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_quantize_writes_a_checkpoint_that_reloads_quantized(tmp_path, capsys):
+    from camelid import LlamaForCausalLM
+
+    src = _tiny_checkpoint(tmp_path / "tiny")
+    assert main(["quantize", src, str(tmp_path / "q4"), "--bits", "4", "--group-size", "64"]) == 0
+    assert "'group_size': 64" in capsys.readouterr().out
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "q4")
+    assert model.quantization_config["format"] == "int4"
+    assert main(["quantize", src, str(tmp_path / "q8"), "--bits", "8"]) == 0
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "q8").quantization_config["format"] == "int8"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bits", "8", "--group-size", "32"], "apply to --bits 4"),
+    (["--bits", "4", "--group-size", "48"], "unsupported group_size 48"),
+    (["--bits", "4", "--dst-exists"], "not an empty folder"),
+])
+def test_quantize_bad_input_writes_nothing(tmp_path, capsys, flags, message):
+    src, dst = _tiny_checkpoint(tmp_path / "tiny"), tmp_path / "out"
+    if "--dst-exists" in flags:
+        flags = [f for f in flags if f != "--dst-exists"]
+        dst.mkdir()
+        (dst / "keep.txt").write_text("mine")
+    assert main(["quantize", src, str(dst), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not dst.exists() or sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+
+
+def test_perplexity_and_kl_divergence(smollm2_gguf, capsys):
+    text = "/usr/share/common-licenses/GPL-3"
+    assert main(["perplexity", str(smollm2_gguf), text, "--max-tokens", "160", "--context", "64"]) == 0
+    plain = capsys.readouterr().out
+    assert "159 tokens scored" in plain and "perplexity" in plain
+    assert main(["perplexity", str(smollm2_gguf), text, "--max-tokens", "160", "--context", "64",
+                 "--kl-reference", str(smollm2_gguf)]) == 0
+    same = capsys.readouterr().out
+    assert "mean KL 0.00000 nats, top-1 agreement 100.00%" in same and "+0.00%" in same
+    assert main(["perplexity", str(smollm2_gguf), text, "--max-tokens", "160", "--context", "64",
+                 "--load-in-8bit", "--kl-reference", str(smollm2_gguf)]) == 0
+    q8 = capsys.readouterr().out
+    assert "mean KL 0.0" in q8 and "mean KL 0.00000" not in q8
+
+
+def test_perplexity_bad_input(smollm2_gguf, tmp_path, capsys):
+    assert main(["perplexity", str(smollm2_gguf), str(tmp_path / "missing.txt")]) == 2
+    assert "no such text file" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("hello world, hello world")
+    assert main(["perplexity", str(smollm2_gguf), str(tmp_path / "t.txt"), "--context", "8", "--stride", "8"]) == 2
+    assert "0 < stride < context" in capsys.readouterr().err

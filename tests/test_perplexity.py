@@ -48,3 +48,36 @@ def test_bad_arguments(tiny):
         perplexity(tiny, [1, 2, 3], context=8, stride=8)
     with pytest.raises(ValueError, match="at least two tokens"):
         perplexity(tiny, [1], context=8)
+
+
+def test_kl_divergence_against_closed_forms(tiny):
+    from camelid.perplexity import kl_divergence
+
+    ids = torch.randint(0, 50, (41,), generator=torch.Generator().manual_seed(2)).tolist()
+    same = kl_divergence(tiny, tiny, ids, context=16, stride=5)
+    assert same.kl == pytest.approx(0.0, abs=1e-6) and same.top1_agreement == 1.0
+    assert same.model.nll == pytest.approx(perplexity(tiny, ids, context=16, stride=5).nll, rel=1e-6)
+
+    class Uniform(torch.nn.Module):  # KL(p || uniform) = log V - H(p) at each position
+        config, device = tiny.config, torch.device("cpu")
+
+        def forward(self, x):
+            return type("O", (), {"logits": torch.zeros(*x.shape, 50)})()
+
+    d = kl_divergence(Uniform(), tiny, ids, context=16, stride=5)
+    expected = 0.0
+    for begin, start, end in [(max(0, min(s + 5, 41) - 16), s, min(s + 5, 41)) for s in range(1, 41, 5)]:
+        with torch.no_grad():
+            logp = tiny(torch.tensor([ids[begin:end]])).logits[0, start - begin - 1:-1].log_softmax(-1)
+        expected += float((math.log(50) + (logp.exp() * logp).sum(-1)).sum())
+    assert d.kl == pytest.approx(expected, rel=1e-5) and d.model.value == pytest.approx(50.0)
+    assert d.mean_kl == pytest.approx(expected / 40, rel=1e-5)
+
+
+def test_kl_divergence_needs_one_vocabulary(tiny):
+    from camelid.perplexity import kl_divergence
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=51, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4)).eval()
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        kl_divergence(other, tiny, [1, 2, 3], context=8)

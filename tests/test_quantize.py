@@ -367,3 +367,54 @@ def test_quality_and_memory_on_the_default_model(smollm2_gguf, smollm2_tokenizer
     assert gguf <= base * 1.005, (base, gguf)
     assert int8_mem < 0.51 and small_mem <= 0.35  # all int4, lm_head too: 0.313x (but +6.5% perplexity)
     assert int4_mem < 0.355 and gguf_mem < 0.355  # int4 layers + int8 lm_head table: 0.3535x
+
+
+# ---------------------------------------------------------------------- from_pretrained / save_pretrained
+
+def test_from_pretrained_load_in_8bit_and_4bit(tmp_path):
+    tiny(tie=False).save_pretrained(tmp_path / "hf")
+    m8 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_8bit=True)
+    assert isinstance(m8.model.layers[0].self_attn.q_proj, Int8Linear) and m8.dtype == torch.float32
+    m4 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_4bit=True, group_size=64)
+    assert m4.quantization_config["format"] == "int4" and m4.quantization_config["group_size"] == 64
+    nf4 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    assert isinstance(nf4.model.layers[1].mlp.down_proj, NF4Linear)
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "hf", pack=False)
+    x = ids()
+    with torch.inference_mode():
+        for m in (m8, m4, nf4):
+            out = m.generate(x, max_new_tokens=3)
+            assert out.shape == (2, 12) and torch.equal(out[:, :9], x)
+            assert float((m(x).logits - ref(x).logits).norm() / ref(x).logits.norm()) < 0.2
+
+
+def test_save_pretrained_of_a_quantized_model_reloads_quantized(tmp_path):
+    model = quantize(tiny(), bits=4)
+    model.save_pretrained(tmp_path / "q")
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "q")  # no flags: the checkpoint says it is quantized
+    assert again.quantization_config == model.quantization_config
+    assert torch.equal(again(ids()).logits, model(ids()).logits)
+
+
+def test_load_in_4bit_reads_gguf_blocks(smollm2_gguf, monkeypatch):
+    monkeypatch.setattr(Q, "quantize_int4", lambda *a, **k: pytest.fail("the Q4_1 blocks were re-quantized"))
+    model = LlamaForCausalLM.from_pretrained(smollm2_gguf, load_in_4bit=True)
+    assert model.quantization_config == {"format": "int4", "bits": 4, "group_size": 32, "lm_head": "int8"}
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(load_in_8bit=True, load_in_4bit=True), "not both"),
+    (dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "bnb_4bit_quant_type"),
+    (dict(load_in_8bit=True, group_size=32), "group_size applies to load_in_4bit"),
+    (dict(load_in_4bit=True, group_size=48), "unsupported group_size 48"),
+])
+def test_from_pretrained_bad_quantization_flags(tmp_path, kw, message):
+    tiny().save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=message):
+        LlamaForCausalLM.from_pretrained(tmp_path / "hf", **kw)
+
+
+def test_a_quantized_checkpoint_refuses_requantizing(tmp_path):
+    quantize(tiny(), bits=8).save_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match="already quantized"):
+        LlamaForCausalLM.from_pretrained(tmp_path / "q", load_in_4bit=True)

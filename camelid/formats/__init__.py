@@ -13,7 +13,8 @@ from .hf import load_hf, save_pretrained
 
 
 def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None,
-                    attn_implementation: str = "sdpa", pack: bool | None = None):
+                    attn_implementation: str = "sdpa", pack: bool | None = None, load_in_8bit: bool = False,
+                    load_in_4bit: bool = False, bnb_4bit_quant_type: str = "int4", group_size: int | None = None):
     """Load a model, choosing the format from what is there.
 
     name_or_path: a HF folder, a .gguf file (or a folder holding one), a packaged model name
@@ -22,7 +23,13 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
     checkpoint's own, or None for float32. device: "cpu", "cuda", "cuda:1", ...
     pack: put the linear weights in oneDNN's packed layout for CPU inference (camelid/packed.py:
     faster and batch-invariant, but frozen). None (the default) packs on CPU; pass False to train.
+    load_in_8bit / load_in_4bit (transformers' names): weight-only quantization (camelid/quantize.py):
+    int8 per output channel, or int4 in groups of `group_size` (default 32; "nf4" as
+    bnb_4bit_quant_type gives NormalFloat4). A GGUF with Q4_0/Q4_1/Q8_0 tensors loads straight into
+    int4/int8 with load_in_4bit (no float copy). A checkpoint saved quantized (save_pretrained of a
+    quantized model) loads quantized, without these flags.
     """
+    from ..quantize import is_quantized_checkpoint, load_gguf_quantized, load_quantized, quantize
     from ..hub import DEFAULT_MODEL, resolve
 
     if dtype is not None and torch_dtype is not None and DTYPES.get(dtype, dtype) != DTYPES.get(torch_dtype,
@@ -31,7 +38,23 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
     dtype = dtype if dtype is not None else torch_dtype
     path = resolve(DEFAULT_MODEL if name_or_path is None else name_or_path)
     kwargs = dict(dtype=dtype, device=device, attn_implementation=attn_implementation)
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("pass load_in_8bit or load_in_4bit, not both")
+    if bnb_4bit_quant_type not in ("int4", "nf4"):
+        raise ValueError(f"bnb_4bit_quant_type must be 'int4' or 'nf4', got {bnb_4bit_quant_type!r}")
+    if group_size is not None and not load_in_4bit:
+        raise ValueError("group_size applies to load_in_4bit")
+    if path.is_dir() and is_quantized_checkpoint(path):
+        if load_in_8bit or load_in_4bit:
+            raise ValueError(f"{path} is already quantized: load it without load_in_8bit / load_in_4bit")
+        return load_quantized(path, device=device, attn_implementation=attn_implementation)
+    gguf = _gguf_path(path)
+    if load_in_4bit and bnb_4bit_quant_type == "int4" and gguf is not None and group_size in (None, 32):
+        return load_gguf_quantized(gguf, **kwargs)  # Q4/Q8 blocks map to int4 g32 / int8 as they are
     model = _load(path, kwargs)
+    if load_in_8bit or load_in_4bit:
+        fmt = "int8" if load_in_8bit else bnb_4bit_quant_type
+        return quantize(model, bits=8 if load_in_8bit else 4, group_size=group_size, format=fmt)
     if pack or pack is None:
         from ..packed import can_pack, pack as pack_model
 
@@ -39,6 +62,18 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
             raise ValueError("pack=True needs a CPU model in float32 or bfloat16 and a torch built with oneDNN")
         pack_model(model)
     return model
+
+
+def _gguf_path(path):
+    """The .gguf file `path` names or holds (alone), else None."""
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        path = ggufs[0] if len(ggufs) == 1 and not (path / "config.json").is_file() else None
+    if path is not None and path.is_file():
+        from .gguf import is_gguf
+
+        return path if is_gguf(path) else None
+    return None
 
 
 def _load(path, kwargs):
