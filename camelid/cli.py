@@ -145,12 +145,13 @@ def _sampling_args(p) -> None:
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
                    help="speculative decoding: draft up to K tokens by prompt lookup (greedy; same output, faster "
                         "when the answer copies the prompt)")
+    p.add_argument("--kv-cache", choices=["int8"], default=None, help="keep the KV cache in int8 (long contexts)")
 
 
 def _sampling(args) -> dict:
     return dict(do_sample=args.temperature > 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                prompt_lookup_num_tokens=args.prompt_lookup)
+                prompt_lookup_num_tokens=args.prompt_lookup, cache_dtype=args.kv_cache)
 
 
 def _load(args):

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .cache import KVCache
+from .cache import make_cache
 from .sampling import SamplingParams, make_generator, make_logits_processor, make_sampler
 from .sampling import logprobs as chosen_logprob
 
@@ -48,7 +48,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     params: SamplingParams | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0,
                     eos_token_ids=(), pad_token_id: int | None = None, context: int | None = None,
                     logprobs: int | None = None, halted: set[int] | None = None,
-                    compile: bool = False) -> Iterator[Step]:
+                    compile: bool = False, cache_dtype: str | None = None) -> Iterator[Step]:
     """Yield one Step per generated position until every row has finished.
 
     logprobs: None, or n >= 0 to report each new token's log-probability and the n most likely
@@ -61,7 +61,10 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     compile: run the one-token decode steps through torch.compile (see compiled_decoder; needs a
     model loaded with pack=False); the prefill stays eager. Off by default: it compiles for minutes
-    on a small CPU and is not batch-invariant (README has the measured trade-off)."""
+    on a small CPU and is not batch-invariant (README has the measured trade-off).
+
+    cache_dtype: None (keys and values in the model's dtype) or "int8" (cache.Int8KVCache: a
+    quarter of float32's bytes, for long contexts; attention reads them dequantized)."""
     params = params or SamplingParams()
     config = model.config
     context = context or config.max_position_embeddings
@@ -87,7 +90,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     n_prompt = mask.sum(-1)
 
     decode = compiled_decoder(model) if compile else model
-    cache = KVCache(config, B, T0 + budget, dtype=model.dtype, device=device)
+    cache = make_cache(cache_dtype, config, B, T0 + budget, dtype=model.dtype, device=device)
     logits = model(input_ids, attention_mask=mask, cache=cache, cache_position=torch.arange(T0, device=device),
                    logits_to_keep=1).logits[:, -1]
     tokens = input_ids
@@ -170,12 +173,16 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
                    eos_token_id=None, pad_token_id=None, streamer=None, use_cache: bool = True,  # always cached
                    max_length: int | None = None, assistant_model=None, prompt_lookup_num_tokens: int | None = None,
                    max_matching_ngram_size: int = 3, num_assistant_tokens: int = 5, compile: bool = False,
-                   **kwargs) -> torch.Tensor:
+                   cache_implementation: str | None = None, **kwargs) -> torch.Tensor:
     """`model.generate(...)` with transformers' keyword names: returns [B, prompt + new] token ids,
     finished rows padded with pad_token_id. Sampling defaults follow transformers (top_k=50 when
     do_sample=True and top_k is not given). assistant_model= (a draft model) or
     prompt_lookup_num_tokens= turn on speculative decoding (camelid.speculative): greedy, one
-    row, the very tokens of plain greedy decoding. compile=True: decode steps through torch.compile."""
+    row, the very tokens of plain greedy decoding. compile=True: decode steps through torch.compile.
+    cache_implementation="quantized" (transformers' name): an int8 KV cache."""
+    if cache_implementation not in (None, "static", "quantized"):
+        raise ValueError(f"cache_implementation must be 'static' (the default) or 'quantized' (int8), "
+                         f"got {cache_implementation!r}")
     unknown = set(kwargs) - HF_SAMPLING_KEYS
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -194,6 +201,9 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
     if assistant_model is not None or prompt_lookup_num_tokens is not None:
         from .speculative import speculative_tokens
 
+        if cache_implementation == "quantized":
+            raise ValueError("speculative decoding keeps its KV cache in the model's dtype: drop "
+                             "cache_implementation='quantized'")
         drafter = (dict(draft_model=assistant_model, num_assistant_tokens=num_assistant_tokens)
                    if assistant_model is not None else
                    dict(prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_ngram_size=max_matching_ngram_size))
@@ -204,7 +214,8 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
                                    **drafter)
     else:
         steps = generate_tokens(model, input_ids, attention_mask, params=params, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, compile=compile)
+                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, compile=compile,
+                                cache_dtype="int8" if cache_implementation == "quantized" else None)
     for step in steps:
         out.append(step.tokens[:, None])
         if streamer is not None:
@@ -239,11 +250,12 @@ class Completion:
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat: bool = False,
              min_new_tokens: int = 0, on_text=None, assistant_model=None, prompt_lookup_num_tokens: int | None = None,
-             **sampling) -> list[Completion]:
+             cache_dtype: str | None = None, **sampling) -> list[Completion]:
     """Generate for a list of prompts (strings, or message lists with chat=True). Stop strings
     are matched across token boundaries and trimmed from the text. `on_text(row, delta)` is
     called with each new piece of text (an incremental detokenizer: never half a character).
-    assistant_model= or prompt_lookup_num_tokens= decode one greedy prompt speculatively."""
+    assistant_model= or prompt_lookup_num_tokens= decode one greedy prompt speculatively;
+    cache_dtype="int8" keeps the KV cache in int8 (see generate_tokens)."""
     from .tokenizer import IncrementalDecoder
 
     single = isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict))
@@ -275,13 +287,16 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat:
 
         if len(rows) != 1:
             raise ValueError(f"speculative decoding takes one prompt, got {len(rows)}")
+        if cache_dtype is not None:
+            raise ValueError("speculative decoding keeps its KV cache in the model's dtype: drop cache_dtype")
         drafter = {k: v for k, v in (("draft_model", assistant_model),
                                      ("prompt_lookup_num_tokens", prompt_lookup_num_tokens)) if v is not None}
         steps = speculative_tokens(model, ids, params=params, max_new_tokens=max_new_tokens,
                                    min_new_tokens=min_new_tokens, eos_token_ids=eos, **drafter)
     else:
         steps = generate_tokens(model, ids, mask, params=params, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, halted=halted)
+                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, halted=halted,
+                                cache_dtype=cache_dtype)
     for step in steps:
         for r, token in enumerate(step.tokens.tolist()):
             if reasons[r] is not None:

@@ -209,3 +209,9 @@ def test_perplexity_bad_input(smollm2_gguf, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("hello world, hello world")
     assert main(["perplexity", str(smollm2_gguf), str(tmp_path / "t.txt"), "--context", "8", "--stride", "8"]) == 2
     assert "0 < stride < context" in capsys.readouterr().err
+
+
+def test_generate_with_an_int8_kv_cache(smollm2_gguf, capsys):
+    assert main(["generate", "--model", str(smollm2_gguf), "What is the capital of France?", "--max-new-tokens", "12",
+                 "--kv-cache", "int8"]) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -46,6 +46,53 @@ def test_chunked_prefill_with_cache_equals_full_forward(tiny, split, padded):
     assert (got - full).abs()[real].max() <= 1e-4
 
 
+def test_int8_cache_codes_are_within_half_a_step():
+    from camelid.cache import Int8KVCache
+
+    x = torch.randn(2, 3, 7, 16) * torch.tensor([0.01, 1.0, 50.0])[None, :, None, None]
+    x[0, 0, 0] = 0.0  # an all-zero vector: scale stays finite, codes 0
+    q, scale = Int8KVCache.quantize(x)
+    assert q.dtype == torch.int8 and scale.shape == (2, 3, 7, 1)
+    assert bool(((q.float() * scale - x).abs() <= scale / 2 * (1 + 1e-6)).all())
+    assert bool((q[0, 0, 0] == 0).all()) and torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_int8_cache_decoding_is_close_to_the_float_cache(tiny, padded):
+    from camelid.cache import Int8KVCache
+
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :4] = 0
+    with torch.no_grad():
+        full = tiny(ids, attention_mask=mask).logits
+        cache = Int8KVCache(tiny.config, 2, 17)
+        a = tiny(ids[:, :9], attention_mask=mask[:, :9], cache=cache, cache_position=torch.arange(9)).logits
+        steps = [tiny(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache,
+                      cache_position=torch.tensor([t])).logits for t in range(9, 17)]
+    got = torch.cat([a, *steps], dim=1)
+    real = mask.bool()
+    err = float((got - full).abs()[real].max() / full.abs()[real].max())
+    assert 1e-7 < err < 0.02, err  # lossy, but by a quantization step, not more
+    assert cache.nbytes() < KVCache(tiny.config, 2, 17).nbytes() * 0.35
+
+
+def test_generate_with_a_quantized_cache(tiny):
+    ids, mask = _left_pad([[5, 17, 3, 44], [9, 1]])
+    eos = [int(next(generate_tokens(tiny, ids[1:, 2:], max_new_tokens=4)).tokens[0])]  # row 1 stops first
+    out = tiny.generate(ids, attention_mask=mask, max_new_tokens=12, cache_implementation="quantized",
+                        eos_token_id=eos, pad_token_id=0)
+    ref = tiny.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert out.shape == ref.shape and float((out == ref).float().mean()) > 0.8  # rows leave the int8 cache too
+    with pytest.raises(ValueError, match="cache_implementation"):
+        tiny.generate(ids, max_new_tokens=2, cache_implementation="offloaded")
+    with pytest.raises(ValueError, match="cache_dtype"):
+        next(generate_tokens(tiny, ids, max_new_tokens=2, cache_dtype="int4"))
+    with pytest.raises(ValueError, match="speculative"):
+        tiny.generate(ids[:1], max_new_tokens=2, cache_implementation="quantized", prompt_lookup_num_tokens=2)
+
+
 # ---------------------------------------------------------------------- greedy parity on the real model
 
 @pytest.mark.slow
