@@ -95,16 +95,18 @@ def main():
     from camelid.accounting import parameter_count
     from camelid.formats.gguf_file import GGUFFile
     from camelid.hub import pull
-    from camelid.quantize import load_gguf_quantized, quantize, weight_bytes
+    from camelid.fuse import fuse
+    from camelid.quantize import quantize, weight_bytes
 
     path = pull()
     prompt = torch.randint(100, 40000, (1, 32), generator=torch.Generator().manual_seed(0))
     make = {
         "camelid float32": lambda: LlamaForCausalLM.from_pretrained(path),
-        "camelid int8": lambda: quantize(LlamaForCausalLM.from_pretrained(path), bits=8),
-        "camelid int4 g32": lambda: quantize(LlamaForCausalLM.from_pretrained(path), bits=4, group_size=32),
-        "camelid int4 all": lambda: quantize(LlamaForCausalLM.from_pretrained(path), bits=4, lm_head_bits=4),
-        "camelid Q4_1->int4": lambda: load_gguf_quantized(path),
+        "camelid int8": lambda: fuse(quantize(LlamaForCausalLM.from_pretrained(path), bits=8)),
+        "camelid int4 g32": lambda: fuse(quantize(LlamaForCausalLM.from_pretrained(path), bits=4, group_size=32)),
+        "camelid int4 unfused": lambda: quantize(LlamaForCausalLM.from_pretrained(path), bits=4, group_size=32),
+        "camelid int4 all": lambda: fuse(quantize(LlamaForCausalLM.from_pretrained(path), bits=4, lm_head_bits=4)),
+        "camelid Q4_1->int4": lambda: LlamaForCausalLM.from_pretrained(path, load_in_4bit=True),  # fused
         # activations in bfloat16 too: no float32 <-> bfloat16 conversion around each int kernel
         "camelid int4 g32 bf16": lambda: quantize(LlamaForCausalLM.from_pretrained(path), bits=4).to(torch.bfloat16),
     }

@@ -118,12 +118,19 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(C, Hkv * D, bias=bias)
         self.v_proj = nn.Linear(C, Hkv * D, bias=bias)
         self.o_proj = nn.Linear(H * D, C, bias=bias)
+        self.qkv_proj = None  # q/k/v in one product, when camelid.fuse has fused them
+
+    def project(self, x):
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of x (B, T, C)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        return (q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2),
+                k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2))
 
     def forward(self, x, rope, groups, cache=None, slots=None, kv_len=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.project(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -159,9 +166,11 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(C, I, bias=bias)
         self.down_proj = nn.Linear(I, C, bias=bias)
         self.act_fn = ACT_FNS[config.hidden_act]
+        self.gate_up_proj = None  # gate and up in one product, when camelid.fuse has fused them
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 # ---------------------------------------------------------------------- decoder layer

@@ -109,8 +109,9 @@ def _row_units(model):
     c, inner = model.config, model.model
     for layer in inner.layers:
         a = layer.self_attn
-        yield from ((layer.input_layernorm, c.hidden_size), (a.q_proj, c.hidden_size), (a.k_proj, c.hidden_size),
-                    (a.v_proj, c.hidden_size), (a.o_proj, a.num_heads * a.head_dim),
+        projections = [a.qkv_proj.inner] if a.qkv_proj is not None else [a.q_proj, a.k_proj, a.v_proj]
+        yield from ((layer.input_layernorm, c.hidden_size), *((p, c.hidden_size) for p in projections),
+                    (a.o_proj, a.num_heads * a.head_dim),
                     (layer.post_attention_layernorm, c.hidden_size), (layer.mlp, c.hidden_size))
     yield from ((inner.norm, c.hidden_size), (model.lm_head, c.hidden_size))
 
@@ -149,10 +150,7 @@ def verify_logits(model: LlamaForCausalLM, ids: torch.Tensor, cache: KVCache, st
         rope = tuple(torch.cat(p, dim=1) for p in zip(*parts))  # cos, sin [1, T, D]
     for layer in inner.layers:
         a = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(1, T, a.num_heads, a.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(1, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        v = a.v_proj(h).view(1, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q, k, v = a.project(layer.input_layernorm(x))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(a.layer_idx, pos, k, v, start + T)

@@ -374,7 +374,7 @@ def test_quality_and_memory_on_the_default_model(smollm2_gguf, smollm2_tokenizer
 def test_from_pretrained_load_in_8bit_and_4bit(tmp_path):
     tiny(tie=False).save_pretrained(tmp_path / "hf")
     m8 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_8bit=True)
-    assert isinstance(m8.model.layers[0].self_attn.q_proj, Int8Linear) and m8.dtype == torch.float32
+    assert isinstance(m8.model.layers[0].self_attn.qkv_proj.inner, Int8Linear) and m8.dtype == torch.float32
     m4 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_4bit=True, group_size=64)
     assert m4.quantization_config["format"] == "int4" and m4.quantization_config["group_size"] == 64
     nf4 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_4bit=True, bnb_4bit_quant_type="nf4")

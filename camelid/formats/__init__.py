@@ -29,6 +29,7 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
     int4/int8 with load_in_4bit (no float copy). A checkpoint saved quantized (save_pretrained of a
     quantized model) loads quantized, without these flags.
     """
+    from ..fuse import fuse
     from ..quantize import is_quantized_checkpoint, load_gguf_quantized, load_quantized, quantize
     from ..hub import DEFAULT_MODEL, resolve
 
@@ -44,17 +45,18 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
         raise ValueError(f"bnb_4bit_quant_type must be 'int4' or 'nf4', got {bnb_4bit_quant_type!r}")
     if group_size is not None and not load_in_4bit:
         raise ValueError("group_size applies to load_in_4bit")
+    # quantized models get fused q/k/v and gate/up products (camelid/fuse.py: fewer int kernel calls)
     if path.is_dir() and is_quantized_checkpoint(path):
         if load_in_8bit or load_in_4bit:
             raise ValueError(f"{path} is already quantized: load it without load_in_8bit / load_in_4bit")
-        return load_quantized(path, device=device, attn_implementation=attn_implementation)
+        return fuse(load_quantized(path, device=device, attn_implementation=attn_implementation))
     gguf = _gguf_path(path)
     if load_in_4bit and bnb_4bit_quant_type == "int4" and gguf is not None and group_size in (None, 32):
-        return load_gguf_quantized(gguf, **kwargs)  # Q4/Q8 blocks map to int4 g32 / int8 as they are
+        return fuse(load_gguf_quantized(gguf, **kwargs))  # Q4/Q8 blocks map to int4 g32 / int8 as they are
     model = _load(path, kwargs)
     if load_in_8bit or load_in_4bit:
         fmt = "int8" if load_in_8bit else bnb_4bit_quant_type
-        return quantize(model, bits=8 if load_in_8bit else 4, group_size=group_size, format=fmt)
+        return fuse(quantize(model, bits=8 if load_in_8bit else 4, group_size=group_size, format=fmt))
     if pack or pack is None:
         from ..packed import can_pack, pack as pack_model
 
