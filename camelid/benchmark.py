@@ -75,7 +75,12 @@ def measure(generate: Callable[[torch.Tensor, int], object], vocab_size: int, ne
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every distinct parameter, except the embedding
     matrix when lm_head holds its own copy (a step reads one embedding row; a packed tied
-    lm_head is such a copy)."""
+    lm_head is such a copy). Quantized models: their codes and scales (camelid.quantize)."""
+    from .quantize import is_quantized
+    from .quantize import weight_bytes as quantized_bytes
+
+    if is_quantized(model):
+        return quantized_bytes(model)
     skip = set()
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     lm_head = getattr(model, "lm_head", None)

@@ -146,6 +146,7 @@ def _sampling_args(p) -> None:
                    help="speculative decoding: draft up to K tokens by prompt lookup (greedy; same output, faster "
                         "when the answer copies the prompt)")
     p.add_argument("--kv-cache", choices=["int8"], default=None, help="keep the KV cache in int8 (long contexts)")
+    _quantization_args(p)
 
 
 def _sampling(args) -> dict:
@@ -158,7 +159,17 @@ def _load(args):
     from .model import LlamaForCausalLM
     from .tokenizer import Tokenizer
 
-    return LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype), Tokenizer.from_pretrained(args.model)
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, **_quantization(args))
+    return model, Tokenizer.from_pretrained(args.model)
+
+
+def _quantization_args(p) -> None:
+    p.add_argument("--load-in-8bit", action="store_true", help="int8 weights (camelid/quantize.py)")
+    p.add_argument("--load-in-4bit", action="store_true", help="int4 g32 weights (a Q4 GGUF: its own blocks)")
+
+
+def _quantization(args) -> dict:
+    return dict(load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
 
 
 def cmd_generate(args) -> int:
@@ -214,18 +225,28 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _weights_kind(model) -> str:
+    from .packed import is_packed
+    from .quantize import is_quantized, quantization_summary
+
+    if is_quantized(model):
+        q = quantization_summary(model)
+        return f"{q['format']}" + (f" g{q['group_size']}" if q.get("group_size") else "")
+    return "packed" if is_packed(model) else "unpacked"
+
+
 def cmd_bench(args) -> int:
     import torch
 
     from .benchmark import HEADER, measure, weight_bytes
     from .model import LlamaForCausalLM
-    from .packed import is_packed
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.new <= 0 or args.prompt_len <= 0:
         raise ValueError(f"--new and --prompt-len must be positive, got {args.new} and {args.prompt_len}")
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, pack=False if args.no_pack else None)
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, pack=False if args.no_pack else None,
+                                             **_quantization(args))
     if args.prompt_len + 1 >= model.config.max_position_embeddings:
         raise ValueError(f"--prompt-len {args.prompt_len} leaves no room in the model's context "
                          f"({model.config.max_position_embeddings})")
@@ -233,7 +254,7 @@ def cmd_bench(args) -> int:
                       model.config.vocab_size, new=args.new, long=args.prompt_len)
     wb = weight_bytes(model)
     print(f"{args.model or 'smollm2-135m-instruct'}, {model.dtype}{', compiled' if args.compile else ''}, "
-          f"{'packed' if is_packed(model) else 'unpacked'} linears, {torch.get_num_threads()} threads, "
+          f"{_weights_kind(model)} linears, {torch.get_num_threads()} threads, "
           f"{args.new} new tokens, prefill over {args.prompt_len} tokens; weights {wb / 2**20:.0f} MiB")
     print(HEADER)
     print(figures.row("camelid"))
@@ -272,8 +293,7 @@ def cmd_perplexity(args) -> int:
     text_file = Path(args.text_file)
     if not text_file.is_file():
         raise ValueError(f"{text_file}: no such text file")
-    flags = dict(load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
-    model = load_pretrained(args.model, **flags)
+    model = load_pretrained(args.model, **_quantization(args))
     ids = Tokenizer.from_pretrained(args.model).encode(text_file.read_text(encoding="utf-8"))
     ids = ids[:args.max_tokens] if args.max_tokens else ids
     if args.kl_reference:
@@ -329,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
     p.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (not batch-invariant on CPU)")
+    _quantization_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quantize", help="write a weight-only quantized checkpoint (reloads without re-quantizing)")
@@ -345,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default context/2)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
-    p.add_argument("--load-in-8bit", action="store_true")
-    p.add_argument("--load-in-4bit", action="store_true")
+    _quantization_args(p)
     p.add_argument("--kl-reference", default=None, metavar="MODEL",
                    help="also report the KL divergence from this model's distributions, and top-1 agreement")
     p.set_defaults(func=cmd_perplexity)

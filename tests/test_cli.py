@@ -140,14 +140,26 @@ def _tiny_checkpoint(path):
     return str(path)
 
 
-def test_bench_prints_every_figure(tmp_path, capsys):
+@pytest.mark.parametrize("flags, kind", [([], "packed"), (["--load-in-8bit"], "int8"), (["--no-pack"], "unpacked")])
+def test_bench_prints_every_figure(tmp_path, capsys, flags, kind):
     model = _tiny_checkpoint(tmp_path / "tiny")
-    assert main(["bench", "--model", model, "--new", "3", "--prompt-len", "16", "--threads", "1"]) == 0
+    assert main(["bench", "--model", model, "--new", "3", "--prompt-len", "16", "--threads", "1", *flags]) == 0
     out = capsys.readouterr().out
+    assert f"{kind} linears" in out
     assert "TTFT s" in out and "prefill tok/s" in out and "decode b8" in out and "peak MiB" in out
     figures = out.splitlines()[2].split()
     assert figures[0] == "camelid" and all(float(x) > 0 for x in figures[1:]), out
     assert "GB/s" in out
+
+
+def test_bench_weight_bytes_count_quantized_codes(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.benchmark import weight_bytes
+
+    path = _tiny_checkpoint(tmp_path / "tiny")
+    fp32 = weight_bytes(LlamaForCausalLM.from_pretrained(path, pack=False))
+    int8 = weight_bytes(LlamaForCausalLM.from_pretrained(path, load_in_8bit=True))
+    assert 0.2 * fp32 < int8 < 0.5 * fp32
 
 
 @pytest.mark.parametrize("flags, message", [
