@@ -27,14 +27,19 @@ def model(smollm2_gguf):
 
 # ---------------------------------------------------------------------- cache equivalence
 
-@pytest.mark.parametrize("split", [1, 5, 11, 16])
-@pytest.mark.parametrize("padded", [False, True])
-def test_chunked_prefill_with_cache_equals_full_forward(tiny, split, padded):
-    g = torch.Generator().manual_seed(split)
-    ids = torch.randint(0, 97, (2, 17), generator=g)
+def _batch(seed, padded):
+    """Two rows of 17 random tokens; with padded=True the second row has 4 tokens of left padding."""
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :4] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("split", [1, 5, 11, 16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_prefill_with_cache_equals_full_forward(tiny, split, padded):
+    ids, mask = _batch(split, padded)
     with torch.no_grad():
         full = tiny(ids, attention_mask=mask).logits
         cache = KVCache(tiny.config, 2, 17)
@@ -61,10 +66,7 @@ def test_int8_cache_codes_are_within_half_a_step():
 def test_int8_cache_decoding_is_close_to_the_float_cache(tiny, padded):
     from camelid.cache import Int8KVCache
 
-    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, :4] = 0
+    ids, mask = _batch(3, padded)
     with torch.no_grad():
         full = tiny(ids, attention_mask=mask).logits
         cache = Int8KVCache(tiny.config, 2, 17)
