@@ -198,24 +198,14 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
     if streamer is not None:
         streamer.put(input_ids.cpu())
     out = [input_ids.to(model.device)]
+    cache_dtype = "int8" if cache_implementation == "quantized" else None
+    common = dict(params=params, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_ids=eos)
     if assistant_model is not None or prompt_lookup_num_tokens is not None:
-        from .speculative import speculative_tokens
-
-        if cache_implementation == "quantized":
-            raise ValueError("speculative decoding keeps its KV cache in the model's dtype: drop "
-                             "cache_implementation='quantized'")
-        drafter = (dict(draft_model=assistant_model, num_assistant_tokens=num_assistant_tokens)
-                   if assistant_model is not None else
-                   dict(prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_ngram_size=max_matching_ngram_size))
-        if assistant_model is not None and prompt_lookup_num_tokens is not None:
-            drafter["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens  # rejected: one drafter at a time
-        steps = speculative_tokens(model, _unpadded(input_ids, attention_mask), params=params,
-                                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_ids=eos,
-                                   **drafter)
+        steps = _speculative(model, input_ids, attention_mask, assistant_model, prompt_lookup_num_tokens,
+                             max_matching_ngram_size, num_assistant_tokens, cache_dtype, **common)
     else:
-        steps = generate_tokens(model, input_ids, attention_mask, params=params, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, compile=compile,
-                                cache_dtype="int8" if cache_implementation == "quantized" else None)
+        steps = generate_tokens(model, input_ids, attention_mask, pad_token_id=pad, compile=compile,
+                                cache_dtype=cache_dtype, **common)
     for step in steps:
         out.append(step.tokens[:, None])
         if streamer is not None:
@@ -223,6 +213,21 @@ def model_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 
     if streamer is not None:
         streamer.end()
     return torch.cat(out, dim=1)
+
+
+def _speculative(model, input_ids, attention_mask, assistant_model, prompt_lookup_num_tokens,
+                 max_matching_ngram_size=3, num_assistant_tokens=5, cache_dtype=None, **common):
+    """camelid.speculative for transformers-style arguments (model.generate and generate)."""
+    from .speculative import speculative_tokens
+
+    if cache_dtype is not None:
+        raise ValueError("speculative decoding keeps its KV cache in the model's dtype: drop the int8 cache")
+    drafter = {}  # both drafters given: speculative_tokens rejects the pair
+    if assistant_model is not None:
+        drafter.update(draft_model=assistant_model, num_assistant_tokens=num_assistant_tokens)
+    if prompt_lookup_num_tokens is not None:
+        drafter.update(prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_ngram_size=max_matching_ngram_size)
+    return speculative_tokens(model, _unpadded(input_ids, attention_mask), **drafter, **common)
 
 
 def _unpadded(input_ids, attention_mask):
@@ -282,21 +287,12 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, stop=(), chat:
     emitted = [0] * len(rows)  # characters of texts[r] already passed to on_text
     hold = max(map(len, stop), default=1) - 1  # a tail this long may still become a stop string
     halted: set[int] = set()  # rows a stop string ended: generate_tokens drops them from the batch
-    if assistant_model is not None or prompt_lookup_num_tokens is not None:
-        from .speculative import speculative_tokens
-
-        if len(rows) != 1:
-            raise ValueError(f"speculative decoding takes one prompt, got {len(rows)}")
-        if cache_dtype is not None:
-            raise ValueError("speculative decoding keeps its KV cache in the model's dtype: drop cache_dtype")
-        drafter = {k: v for k, v in (("draft_model", assistant_model),
-                                     ("prompt_lookup_num_tokens", prompt_lookup_num_tokens)) if v is not None}
-        steps = speculative_tokens(model, ids, params=params, max_new_tokens=max_new_tokens,
-                                   min_new_tokens=min_new_tokens, eos_token_ids=eos, **drafter)
+    common = dict(params=params, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_ids=eos)
+    if assistant_model is not None or prompt_lookup_num_tokens is not None:  # one prompt, greedy
+        steps = _speculative(model, ids, mask, assistant_model, prompt_lookup_num_tokens, cache_dtype=cache_dtype,
+                             **common)
     else:
-        steps = generate_tokens(model, ids, mask, params=params, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_ids=eos, pad_token_id=pad, halted=halted,
-                                cache_dtype=cache_dtype)
+        steps = generate_tokens(model, ids, mask, pad_token_id=pad, halted=halted, cache_dtype=cache_dtype, **common)
     for step in steps:
         for r, token in enumerate(step.tokens.tolist()):
             if reasons[r] is not None:
