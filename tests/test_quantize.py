@@ -418,3 +418,11 @@ def test_a_quantized_checkpoint_refuses_requantizing(tmp_path):
     quantize(tiny(), bits=8).save_pretrained(tmp_path / "q")
     with pytest.raises(ValueError, match="already quantized"):
         LlamaForCausalLM.from_pretrained(tmp_path / "q", load_in_4bit=True)
+
+
+def test_load_in_4bit_of_a_gguf_without_q4_blocks_quantizes_it(tmp_path):
+    from camelid.formats import save_gguf
+
+    save_gguf(tiny(hidden=64), tmp_path / "m.gguf", dtype="q8_0")  # Q8_0 blocks: int8 if kept as they are
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m.gguf", load_in_4bit=True)
+    assert model.quantization_config["format"] == "int4" and model.quantization_config["group_size"] == 32

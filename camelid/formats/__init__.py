@@ -52,7 +52,10 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
         return fuse(load_quantized(path, device=device, attn_implementation=attn_implementation))
     gguf = _gguf_path(path)
     if load_in_4bit and bnb_4bit_quant_type == "int4" and gguf is not None and group_size in (None, 32):
-        return fuse(load_gguf_quantized(gguf, **kwargs))  # Q4/Q8 blocks map to int4 g32 / int8 as they are
+        model = load_gguf_quantized(gguf, **kwargs)  # Q4/Q8 blocks map to int4 g32 / int8 as they are
+        if model.quantization_config["format"] == "int4":
+            return fuse(model)
+        # other block types (F16, Q8_0, K-quants) stay float or int8 there: quantize from floats below
     model = _load(path, kwargs)
     if load_in_8bit or load_in_4bit:
         fmt = "int8" if load_in_8bit else bnb_4bit_quant_type
