@@ -1,5 +1,6 @@
 """Speculative decoding, batch 1, greedy: exactly the tokens of plain greedy decoding
-(`generate_tokens` with the default SamplingParams), in fewer forwards of the target model.
+(`generate_tokens` with the same greedy SamplingParams, logit processors included), in fewer
+forwards of the target model.
 
     for step in speculative_tokens(model, ids, prompt_lookup_num_tokens=10, max_new_tokens=128): ...
     for step in speculative_tokens(model, ids, draft_model=small, num_assistant_tokens=5, ...): ...
@@ -15,6 +16,8 @@ Each round, with p the cache slot of the last accepted token (the target has not
      token at the first mismatch (or after the last draft). The KV cache is static, so the slots
      of rejected drafts are simply overwritten later: rollback is bookkeeping, for the draft's too.
 A round costs one target forward (whose weights are read once for all k+1 rows) and emits 1..k+1.
+k follows the acceptance (+2 after a round that accepts every draft, -1 otherwise, within
+1..k_max): rejected rows cost verify work, so text the drafter cannot predict gets short drafts.
 
 Exactness. Row i of a (k+1)-row forward must carry the very bits of a one-token decode step:
 otherwise a near tie flips an argmax and the text forks (on the default model a plain forward
