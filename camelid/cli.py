@@ -270,12 +270,12 @@ def cmd_quantize(args) -> int:
     from .quantize import quantization_summary, weight_bytes
 
     dst = Path(args.dst)
-    if dst.exists() and any(dst.iterdir()) if dst.is_dir() else dst.exists():
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise ValueError(f"{dst} exists and is not an empty folder: choose a new destination")
-    flags = dict(load_in_8bit=True) if args.bits == 8 else dict(
-        load_in_4bit=True, bnb_4bit_quant_type=args.format, group_size=args.group_size)
     if args.bits == 8 and (args.group_size is not None or args.format != "int4"):
         raise ValueError("--group-size and --format apply to --bits 4")
+    flags = dict(load_in_8bit=True) if args.bits == 8 else dict(
+        load_in_4bit=True, bnb_4bit_quant_type=args.format, group_size=args.group_size)
     model = load_pretrained(args.src, **flags)
     model.save_pretrained(dst)
     summary = quantization_summary(model)
@@ -293,9 +293,12 @@ def cmd_perplexity(args) -> int:
     text_file = Path(args.text_file)
     if not text_file.is_file():
         raise ValueError(f"{text_file}: no such text file")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2 (perplexity scores tokens after the first), "
+                         f"got {args.max_tokens}")
     model = load_pretrained(args.model, **_quantization(args))
     ids = Tokenizer.from_pretrained(args.model).encode(text_file.read_text(encoding="utf-8"))
-    ids = ids[:args.max_tokens] if args.max_tokens else ids
+    ids = ids[:args.max_tokens] if args.max_tokens is not None else ids
     if args.kl_reference:
         ref = load_pretrained(args.kl_reference)
         d = kl_divergence(model, ref, ids, context=args.context, stride=args.stride)

@@ -221,6 +221,8 @@ def test_perplexity_bad_input(smollm2_gguf, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("hello world, hello world")
     assert main(["perplexity", str(smollm2_gguf), str(tmp_path / "t.txt"), "--context", "8", "--stride", "8"]) == 2
     assert "0 < stride < context" in capsys.readouterr().err
+    assert main(["perplexity", str(smollm2_gguf), str(tmp_path / "t.txt"), "--max-tokens", "-5"]) == 2
+    assert "--max-tokens must be at least 2" in capsys.readouterr().err
 
 
 def test_generate_with_an_int8_kv_cache(smollm2_gguf, capsys):

@@ -262,7 +262,8 @@ def test_min_new_tokens_holds_back_eos():
         ref = steps(generate_tokens(model, PROMPT, max_new_tokens=30, min_new_tokens=n, eos_token_ids=[eos]))
         got = steps(speculative_tokens(model, PROMPT, max_new_tokens=30, min_new_tokens=n, eos_token_ids=[eos],
                                        draft_model=model))
-        assert got == ref and len(ref) == (5 if n == 0 else len(ref)) and len(ref) >= min(n + 1, 30)
+        assert got == ref
+        assert len(ref) == 5 if n == 0 else len(ref) >= n + 1  # EOS at the fifth token, or held back
 
 
 def test_model_generate_speculative_equals_plain():

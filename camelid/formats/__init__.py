@@ -30,8 +30,9 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
     quantized model) loads quantized, without these flags.
     """
     from ..fuse import fuse
-    from ..quantize import is_quantized_checkpoint, load_gguf_quantized, load_quantized, quantize
     from ..hub import DEFAULT_MODEL, resolve
+    from ..quantize import is_quantized_checkpoint, load_gguf_quantized, load_quantized, quantize
+    from .gguf import is_gguf
 
     if dtype is not None and torch_dtype is not None and DTYPES.get(dtype, dtype) != DTYPES.get(torch_dtype,
                                                                                                torch_dtype):
@@ -50,8 +51,8 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
         if load_in_8bit or load_in_4bit:
             raise ValueError(f"{path} is already quantized: load it without load_in_8bit / load_in_4bit")
         return fuse(load_quantized(path, device=device, attn_implementation=attn_implementation))
-    gguf = _gguf_path(path)
-    if load_in_4bit and bnb_4bit_quant_type == "int4" and gguf is not None and group_size in (None, 32):
+    gguf = _gguf_path(path) if load_in_4bit and bnb_4bit_quant_type == "int4" and group_size in (None, 32) else None
+    if gguf is not None and is_gguf(gguf):
         model = load_gguf_quantized(gguf, **kwargs)  # Q4/Q8 blocks map to int4 g32 / int8 as they are
         if model.quantization_config["format"] == "int4":
             return fuse(model)
@@ -70,15 +71,14 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
 
 
 def _gguf_path(path):
-    """The .gguf file `path` names or holds (alone), else None."""
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        path = ggufs[0] if len(ggufs) == 1 and not (path / "config.json").is_file() else None
-    if path is not None and path.is_file():
-        from .gguf import is_gguf
-
-        return path if is_gguf(path) else None
-    return None
+    """The file that would be a GGUF checkpoint: `path` itself, or the one .gguf file of a
+    folder without config.json; None when there is none (is_gguf says whether it really is)."""
+    if not path.is_dir():
+        return path if path.is_file() else None
+    ggufs = [] if (path / "config.json").is_file() else sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{path}: several .gguf files ({', '.join(g.name for g in ggufs)}); name one")
+    return ggufs[0] if ggufs else None
 
 
 def _load(path, kwargs):
@@ -88,21 +88,13 @@ def _load(path, kwargs):
         from .meta import load_meta
 
         return load_meta(path, **kwargs)
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            path = ggufs[0]
-        elif len(ggufs) > 1:
-            raise CheckpointError(f"{path}: several .gguf files ({', '.join(g.name for g in ggufs)}); name one")
-    if path.is_file():
-        from .gguf import is_gguf, load_gguf
+    from .gguf import is_gguf, load_gguf
 
-        if is_gguf(path):
-            return load_gguf(path, **kwargs)
-    raise CheckpointError(f"{path}: not a checkpoint camelid can read (expected a folder with config.json, "
+    gguf = _gguf_path(path)
+    if gguf is not None and is_gguf(gguf):
+        return load_gguf(gguf, **kwargs)
+    raise CheckpointError(f"{gguf or path}: not a checkpoint camelid can read (expected a folder with config.json, "
                           f"a Meta folder with params.json + consolidated.*.pth, or a .gguf file)")
-
-
 
 
 def save_gguf(model, path, dtype: str = "f16", tokenizer=None):
