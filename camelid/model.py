@@ -210,7 +210,9 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
                    alibi: torch.Tensor | None = None) -> list[AttentionGroup]:
     """The one mask helper.
 
-    attention_mask: [B, >= kv_len] 1 for real tokens, 0 for padding (HF convention), or None.
+    attention_mask: [B, >= kv_len] 1 for real tokens, 0 for padding (HF convention), or None; or,
+    for several documents packed in one row, document numbers 1, 2, ... (0 padding): a token then
+    sees only earlier tokens of its own document.
     slots: [T] consecutive cache slots of the query tokens (the last T of the kv_len slots).
     Key slot j is visible to query slot i when j <= i and j is not padding. Masks are built only
     where needed: plain causal when queries and keys coincide, nothing for one query.
@@ -219,13 +221,15 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
     padding query sees itself, so no row is all -inf (that would make NaNs; it is never read).
     """
     T = slots.shape[0]
+    if attention_mask is not None and attention_mask.dtype != torch.bool and bool((attention_mask[:, :kv_len] > 1).any()):
+        return [_masked_group(attention_mask[:, :kv_len].to(slots.device), slots, kv_len, alibi)]  # documents
     if attention_mask is None or bool(attention_mask[:, :kv_len].all()):
         pads = [0] * batch
     else:
         valid = attention_mask[:, :kv_len].to(device=slots.device, dtype=torch.bool)  # (B, S)
         lead = (~valid).long().cumprod(-1).sum(-1)  # leading padding of each row
         if not bool((valid.sum(-1) == kv_len - lead).all()):
-            return [_masked_group(valid, slots, kv_len, alibi)]
+            return [_masked_group(valid.long(), slots, kv_len, alibi)]
         pads = lead.tolist()
     groups, first = [], int(slots[0])
     for r, p in enumerate(pads):
@@ -243,18 +247,27 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
     return groups
 
 
-def _masked_group(valid, slots, kv_len, alibi) -> AttentionGroup:
+def _masked_group(docs, slots, kv_len, alibi) -> AttentionGroup:
+    """docs (B, S): document number of each key slot, 0 for padding (a 0/1 mask is one document)."""
     k_slots = torch.arange(kv_len, device=slots.device)
     visible = k_slots[None, :] <= slots[:, None]  # (T, S)
-    mask = ((visible[None] & valid[:, None, :]) | (k_slots[None, :] == slots[:, None])[None])[:, None]  # (B, 1, T, S)
+    same = (docs[:, slots, None] == docs[:, None, :]) & (docs[:, None, :] > 0)  # (B, T, S)
+    mask = ((visible[None] & same) | (k_slots[None, :] == slots[:, None])[None])[:, None]  # (B, 1, T, S)
     if alibi is not None:
         mask = alibi_bias(alibi, slots, kv_len).masked_fill(~mask, float("-inf"))
     return AttentionGroup(slice(None), 0, 0, mask, False, whole=True)
 
 
 def positions_from_mask(attention_mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """RoPE positions [B, T] of a left-padded batch: the count of real tokens before each one."""
-    pos = attention_mask.long().cumsum(-1) - 1
+    """RoPE positions [B, T] of a left-padded batch: the count of real tokens before each one; of
+    packed documents (numbers > 1 in the mask): the count of earlier tokens of the same document."""
+    mask = attention_mask.long()
+    if attention_mask.dtype != torch.bool and bool((mask > 1).any()):
+        idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        starts = torch.ones_like(mask, dtype=torch.bool)
+        starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
+        return (idx - torch.where(starts, idx, 0).cummax(-1).values)[:, slots]
+    pos = mask.cumsum(-1) - 1
     return pos.clamp(min=0)[:, slots]
 
 

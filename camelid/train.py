@@ -1,0 +1,458 @@
+"""Fine-tuning: a trainer for full, LoRA and QLoRA runs, with checkpoints that resume exactly.
+
+    config = TrainConfig(data="train.jsonl", out="run/", lora_r=8, max_steps=100)
+    trainer = Trainer(model, tokenizer, config)     # model: float (full / LoRA) or quantized (QLoRA)
+    trainer.train(resume_from_checkpoint="latest")  # or a checkpoint folder, or None
+    finetune(model="smollm2-135m-instruct", data="train.jsonl", out="run/", lora_r=8)  # all of the above
+
+One optimizer step = gradient_accumulation_steps micro-batches of batch_size rows. The loss is
+the mean over every learned token of the step (not a mean of micro-batch means, which would
+weight short batches more). Before each optimizer step the loss and gradient norm are checked:
+a non-finite value stops the run (nonfinite="stop") or drops that step's update ("skip"), so
+NaN never reaches the weights or a checkpoint.
+
+A checkpoint (camelid/checkpoints.py) holds the weights (full) or the adapter (LoRA, in peft's
+layout), optimizer.pt, scheduler.pt, rng.pt and trainer_state.json (step, epoch, position in the
+epoch's order, base fingerprint, LoRA settings). The data order of each epoch is a function of
+(seed, epoch), so with those restored, k steps + resume + (N - k) steps equals N steps straight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints
+from .accounting import flops
+from .data import IGNORE, OVERLONG, collate, epoch_order, load_examples, rows
+from .lora import apply_lora, lora_layers, load_adapter, save_adapter
+
+SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient went NaN/inf; the optimizer step was not taken."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint that does not belong to this run (another base model, rank or mode)."""
+
+
+@dataclass
+class TrainConfig:
+    """Field names follow transformers' TrainingArguments where the concept is the same."""
+    data: str
+    out: str = "out"
+    eval_data: str | None = None
+    # what is trained: LoRA of rank lora_r on target_modules, or every weight when lora_r is None
+    lora_r: int | None = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+    # data
+    max_seq_len: int = 512
+    packing: bool = False
+    overlong: str = "truncate"
+    # optimisation
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    num_train_epochs: float = 1.0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    nonfinite: str = "stop"
+    seed: int = 0
+    # bookkeeping
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = 3
+    tensorboard: bool = False
+    progress: bool = True
+    peak_flops: float | None = None  # for MFU; measured with a matmul when None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        def check(ok, name, want):
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {want}, got {getattr(self, name)!r}")
+
+        def pos_int(name, allow_none=False, zero=False):
+            v = getattr(self, name)
+            check((allow_none and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= (0 if zero else 1)),
+                  name, f"a{' non-negative' if zero else ' positive'} integer{' or None' if allow_none else ''}")
+
+        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "max_seq_len"):
+            pos_int(name)
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r"):
+            pos_int(name, allow_none=True)
+        pos_int("warmup_steps", zero=True)
+        pos_int("seed", zero=True)
+        for name in ("learning_rate", "num_train_epochs"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, "a positive number")
+        for name in ("weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, name, "a number >= 0")
+        check(self.lr_scheduler_type in SCHEDULES, "lr_scheduler_type", f"one of {SCHEDULES}")
+        check(self.nonfinite in NONFINITE, "nonfinite", f"one of {NONFINITE}")
+        check(self.overlong in OVERLONG, "overlong", f"one of {OVERLONG}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- schedules
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """The learning-rate multiplier at each optimizer step: linear warmup from 0, then cosine or
+    linear decay to 0 at total_steps, or constant."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return f
+
+
+def peak_matmul_flops(device, dtype: torch.dtype, n: int = 1024, repeat: int = 8) -> float:
+    """FLOP/s of a square matmul here: the denominator of MFU when the hardware peak is not given."""
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # not randn: the run's RNG stream stays untouched
+    a @ a  # warm up
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        a @ a
+    sync()
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t)
+
+
+def fingerprint(model) -> str:
+    """A short hash of the frozen base weights (a strided sample of each tensor) and the config,
+    to refuse resuming on another base model."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    lora = {id(p) for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in lora:
+            continue
+        t = t.detach()
+        flat = t.reshape(-1)[:: max(1, t.numel() // 4096)].float().cpu()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- the trainer
+
+class Trainer:
+    def __init__(self, model, tokenizer, config: TrainConfig):
+        from .quantize import is_quantized
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.out = Path(config.out)
+        self.device = model.device
+        # The data is read and checked before anything else: a bad file stops the run at once.
+        self.train_examples, self.data_stats = load_examples(config.data, tokenizer, config.max_seq_len, config.overlong)
+        self.eval_examples = (load_examples(config.eval_data, tokenizer, config.max_seq_len, config.overlong)[0]
+                              if config.eval_data else None)
+        self.train_rows = rows(self.train_examples, config.max_seq_len, pack=config.packing)
+        self.base_fingerprint = fingerprint(model)  # before adapters exist
+        if config.lora_r is None:
+            if is_quantized(model):
+                raise ValueError("full fine-tuning needs a float model; a quantized base takes LoRA (QLoRA): set lora_r")
+            from .fuse import unfuse
+            from .packed import unpack
+
+            unfuse(unpack(model)).requires_grad_(True)
+        elif not lora_layers(model):
+            apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                       target_modules=config.target_modules, use_rslora=config.use_rslora)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=config.learning_rate, betas=tuple(config.adam_betas), eps=config.adam_epsilon)
+        batches = math.ceil(len(self.train_rows) / config.batch_size)
+        self.steps_per_epoch = max(1, batches // config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.lr_scheduler_type, config.warmup_steps, self.total_steps))
+        self.step, self.epoch, self.position, self.skipped = 0, 0, 0, 0
+        self.history: list[dict] = []
+        self._peak = config.peak_flops
+
+    # ------------------------------------------------------------------ data
+    def _next_microbatch(self) -> dict[str, torch.Tensor]:
+        """The next batch_size rows of this epoch's order, moving to the next epoch at its end."""
+        B = self.config.batch_size
+        order = epoch_order(len(self.train_rows), self.config.seed, self.epoch)
+        if self.position >= len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+            order = epoch_order(len(self.train_rows), self.config.seed, self.epoch)
+        picked = order[self.position:self.position + B]
+        self.position += B
+        return collate([self.train_rows[i] for i in picked], self._pad_id())
+
+    def _pad_id(self) -> int:
+        return next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+
+    def _loss_sum(self, batch) -> torch.Tensor:
+        """Summed next-token cross-entropy over the batch's learned tokens."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                position_ids=batch["position_ids"]).logits
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                               batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict:
+        cfg = self.config
+        self.model.train()
+        micro = [self._next_microbatch() for _ in range(cfg.gradient_accumulation_steps)]
+        n_learn = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        t0 = time.perf_counter()
+        total = 0.0
+        for b in micro:
+            loss = self._loss_sum(b) / max(n_learn, 1)
+            loss.backward()
+            total += float(loss.detach())
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        finite = math.isfinite(total) and bool(torch.isfinite(norm))
+        lr = self.scheduler.get_last_lr()[0]
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.nonfinite == "stop":
+                raise NonFiniteError(f"step {self.step + 1}: loss {total} / gradient norm {float(norm)} is not finite; "
+                                     f"stopped before the optimizer step (the weights and checkpoints are untouched)")
+            self.skipped += 1
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = sum(int((b["attention_mask"] > 0).sum()) for b in micro)
+        model_flops = sum(flops(self.model.config, b["input_ids"].shape[1], b["input_ids"].shape[0], training=True).total
+                          for b in micro)
+        if self._peak is None:
+            self._peak = peak_matmul_flops(self.device, torch.bfloat16 if cfg.bf16 else torch.float32)
+        return {"step": self.step, "epoch": round(self.epoch + self.position / max(1, len(self.train_rows)), 4),
+                "loss": total, "grad_norm": float(norm), "lr": lr, "tokens": tokens,
+                "tokens_per_s": tokens / dt, "mfu": model_flops / dt / self._peak, "skipped": not finite}
+
+    @torch.no_grad()
+    def evaluate(self, examples=None) -> float:
+        """Mean next-token loss over the learned tokens of the eval set (or `examples`)."""
+        examples = examples if examples is not None else self.eval_examples
+        if not examples:
+            raise ValueError("no eval data: pass eval_data in TrainConfig")
+        self.model.eval()
+        eval_rows = rows(examples, self.config.max_seq_len)
+        loss, n = 0.0, 0
+        for i in range(0, len(eval_rows), self.config.batch_size):
+            b = collate(eval_rows[i:i + self.config.batch_size], self._pad_id())
+            loss += float(self._loss_sum(b))
+            n += int((b["labels"][:, 1:] != IGNORE).sum())
+        return loss / n
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from_checkpoint=None) -> dict:
+        """Run to total_steps; resume_from_checkpoint: None, "latest" (the newest in `out`, if
+        any) or a checkpoint folder. Returns {"step", "loss", "eval_loss", "skipped", "seconds"}."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoints.cleanup(self.out)  # temp folders of a save that was killed
+        if resume_from_checkpoint == "latest":
+            resume_from_checkpoint = checkpoints.latest(self.out)
+        if resume_from_checkpoint is not None:
+            self.load_checkpoint(resume_from_checkpoint)
+        metrics_path = self.out / "metrics.jsonl"
+        self._truncate_metrics(metrics_path)
+        writer = self._tensorboard()
+        t_start, last = time.perf_counter(), {}
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train", unit="step")
+        try:
+            with open(metrics_path, "a", encoding="utf-8") as metrics:
+                while self.step < self.total_steps:
+                    last = self.train_step()
+                    if cfg.eval_steps and self.eval_examples and self.step % cfg.eval_steps == 0:
+                        last["eval_loss"] = self.evaluate()
+                    if self.step % cfg.logging_steps == 0 or "eval_loss" in last or self.step == self.total_steps:
+                        self.history.append(last)
+                        metrics.write(json.dumps(last) + "\n")
+                        metrics.flush()
+                        if writer is not None:
+                            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "eval_loss"):
+                                if k in last:
+                                    writer.add_scalar(f"train/{k}" if k != "eval_loss" else "eval/loss", last[k], self.step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                    if cfg.save_steps and self.step % cfg.save_steps == 0:
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if not cfg.save_steps or self.step % cfg.save_steps:
+            self.save_checkpoint()
+        result = {"step": self.step, "loss": last.get("loss"), "skipped": self.skipped,
+                  "seconds": time.perf_counter() - t_start}
+        if self.eval_examples:
+            result["eval_loss"] = self.evaluate()
+        return result
+
+    def _tensorboard(self):
+        if not self.config.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("tensorboard is not installed (pip install tensorboard): metrics go to metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _truncate_metrics(self, path: Path) -> None:
+        """Drop lines a killed run wrote after the checkpoint it resumes from."""
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        from .config import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "position": self.position, "skipped": self.skipped,
+                "total_steps": self.total_steps, "base_fingerprint": self.base_fingerprint,
+                "lora": getattr(self.model, "lora_config", None), "config": self.config.to_dict(),
+                "history": self.history[-100:]}
+
+    def save_checkpoint(self) -> Path:
+        with checkpoints.writing(self.out, self.step) as tmp:
+            if self.config.lora_r is None:
+                self.model.save_pretrained(tmp)
+            else:
+                save_adapter(self.model, tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            torch.save(rng, tmp / "rng.pt")
+            version, internal, gauss = random.getstate()
+            state = dict(self._state(), python_rng=[version, list(internal), gauss])
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
+        checkpoints.rotate(self.out, self.config.save_total_limit)
+        return checkpoints.checkpoint_dir(self.out, self.step)
+
+    def load_checkpoint(self, directory) -> None:
+        """Restore weights/adapter, optimizer, scheduler, RNG and data position; refuse a checkpoint
+        of another base model, LoRA rank/targets or training mode before changing anything."""
+        directory = Path(directory)
+        state_file = directory / "trainer_state.json"
+        if not state_file.is_file():
+            raise ResumeError(f"{directory}: not a training checkpoint (no trainer_state.json)")
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state["base_fingerprint"] != self.base_fingerprint:
+            raise ResumeError(f"{directory} was trained from another base model (fingerprint {state['base_fingerprint']}, "
+                              f"this model {self.base_fingerprint})")
+        mine = getattr(self.model, "lora_config", None)
+        if (state["lora"] is None) != (mine is None):
+            raise ResumeError(f"{directory} is a {'full' if state['lora'] is None else 'LoRA'} fine-tuning checkpoint; "
+                              f"this run is {'full' if mine is None else 'LoRA'} fine-tuning")
+        if mine is not None:
+            diff = {k: (state["lora"].get(k), mine[k]) for k in ("r", "lora_alpha", "target_modules", "use_rslora")
+                    if state["lora"].get(k) != mine[k]}
+            if diff:
+                raise ResumeError(f"{directory}: LoRA settings differ from this run (checkpoint, run): {diff}")
+        with torch.no_grad():
+            if mine is None:
+                from .formats.hf import load_hf
+
+                loaded = load_hf(directory, dtype=self.model.dtype, device=self.device)
+                self.model.load_state_dict(loaded.state_dict())
+            else:
+                fresh = {n: m for n, m in lora_layers(self.model).items()}
+                self._copy_adapter(directory, fresh)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        rng = torch.load(directory / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda:"))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.skipped, self.history = state.get("skipped", 0), state.get("history", [])
+
+    def _copy_adapter(self, directory: Path, layers) -> None:
+        from safetensors.torch import load_file
+
+        from .lora import PEFT_PREFIX
+
+        tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(directory / "adapter_model.safetensors")).items()}
+        for name, m in layers.items():
+            for ab in ("lora_A", "lora_B"):
+                getattr(m, ab).weight.copy_(tensors[f"{name}.{ab}.weight"])
+
+
+# ---------------------------------------------------------------------- one call
+
+def finetune(model=None, data=None, out="out", tokenizer=None, qlora: bool = False, resume=None,
+             dtype=None, **options) -> dict:
+    """Load `model` (a path or name; the default model when None), fine-tune on `data` (JSONL) and
+    write out/checkpoint-*/ and out/final/ (the adapter in peft's layout, or a full HF folder with
+    the tokenizer). qlora: the base is quantized to NF4 and frozen. Options: TrainConfig's fields."""
+    from .model import LlamaForCausalLM
+    from .tokenizer import Tokenizer
+
+    config = TrainConfig(data=data, out=str(out), **options)
+    tokenizer = tokenizer or Tokenizer.from_pretrained(model)
+    if isinstance(model, (str, Path)) or model is None:
+        if qlora and config.lora_r is None:
+            raise ValueError("qlora trains a LoRA adapter: set lora_r")
+        model = LlamaForCausalLM.from_pretrained(model, dtype=dtype, pack=False, load_in_4bit=qlora,
+                                                 bnb_4bit_quant_type="nf4")
+    trainer = Trainer(model, tokenizer, config)
+    result = trainer.train(resume_from_checkpoint=resume)
+    final = Path(out) / "final"
+    if config.lora_r is None:
+        model.save_pretrained(final)
+    else:
+        save_adapter(model, final)
+    tokenizer.save_pretrained(final)
+    result["final"] = str(final)
+    return result
+
+
+__all__ = ["NonFiniteError", "ResumeError", "TrainConfig", "Trainer", "finetune", "load_adapter"]
