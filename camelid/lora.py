@@ -58,6 +58,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear (and peft) initialise
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.register_load_state_dict_pre_hook(_base_keys)
 
     @property
     def bias(self):
@@ -80,11 +81,6 @@ class LoRALinear(nn.Module):
             w = getattr(self, name).weight
             destination[f"{prefix}{name}.weight"] = w if keep_vars else w.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        self.base._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                        unexpected_keys, error_msgs)
-
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False, **kwargs):
         destination = {} if destination is None else destination
         self._save_to_state_dict(destination, prefix, keep_vars)
@@ -92,6 +88,13 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _base_keys(module, state_dict, prefix, *args):
+    """Loading: the base's tensors arrive under the layer's own name (q_proj.weight); they belong
+    to q_proj.base.weight, where the default loader looks for them."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        state_dict[f"{prefix}base.{key[len(prefix):]}"] = state_dict.pop(key)
 
 
 # ---------------------------------------------------------------------- the transform
@@ -123,7 +126,10 @@ def target_layers(model: nn.Module, target_modules="all-linear") -> dict[str, nn
     layer whose dotted name ends with it ("q_proj", "layers.0.self_attn.q_proj"), a string taken
     as a regular expression over the whole name, or "all-linear" (every linear layer but lm_head).
     A list entry that matches no layer is an error that lists the layer names there are."""
-    linears = {name: m for name, m in model.named_modules() if name and _linear_like(m)}
+    from .quantize import QuantizedEmbedding
+
+    tables = {f"{name}.table" for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
+    linears = {name: m for name, m in model.named_modules() if name and _linear_like(m) and name not in tables}
     if target_modules == "all-linear":
         return {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] != "lm_head"}
     if isinstance(target_modules, str):
@@ -150,7 +156,8 @@ def target_layers(model: nn.Module, target_modules="all-linear") -> dict[str, nn
 def apply_lora(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), use_rslora: bool = False) -> nn.Module:
     """Wrap the target layers in LoRALinear, in place, and freeze everything else; returns the model.
-    Arguments are checked before anything changes."""
+    r, alpha and dropout are checked before anything changes; target names are checked after
+    fused/packed layers are separated (which changes no output)."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0 \
@@ -201,11 +208,25 @@ def print_trainable_parameters(model: nn.Module) -> str:
 
 # ---------------------------------------------------------------------- merge
 
+def _shared(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (a tied lm_head and embedding)."""
+    seen, shared = set(), set()
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its float base weight (W += s B A), in place; unmerge() undoes it."""
+    shared = _shared(model)
     for name, m in lora_layers(model).items():
         if not _float_base(m.base):
             raise ValueError(f"{name} has a quantized base; merge_and_unload() gives a float layer instead")
+        if id(m.base.weight) in shared:
+            raise ValueError(f"{name} shares its weight (tied embeddings): merging in place would change the "
+                             f"embeddings too; merge_and_unload() unties it instead")
     with torch.no_grad():
         for m in lora_layers(model).values():
             if not m.merged:
@@ -226,9 +247,14 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Every LoRALinear replaced by a plain nn.Linear holding W + s B A, in place; a quantized base
     is dequantized first (to the model's activation dtype), so the result is a float model."""
+    shared = _shared(model)
     with torch.no_grad():
         for name, m in lora_layers(model).items():
             base = m.base
+            if name.rsplit(".", 1)[-1] == "lm_head" and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False  # the merged lm_head is no longer the embedding table
+            if _float_base(base) and m.merged and id(base.weight) in shared:
+                raise ValueError(f"{name}: merged in place into a tied weight")
             if _float_base(base):
                 w = base.weight if m.merged else base.weight + m.delta().to(base.weight.dtype)
                 dtype = base.weight.dtype
@@ -328,6 +354,8 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Attach the adapter in `directory` (saved by camelid or peft) to `model`, in place. Every
     adapter tensor must find its layer with the right shape, and every wrapped layer its tensors."""
     directory = Path(directory)
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters; load the adapter onto a fresh base model")
     config = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -354,3 +382,23 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
             for ab in ("lora_A", "lora_B"):
                 getattr(m, ab).weight.copy_(tensors[f"{name}.{ab}.weight"])
     return model
+
+
+# ---------------------------------------------------------------------- one call
+
+def merge_lora(base, adapter, out, to: str = "hf", dtype=None, gguf_dtype: str = "f16") -> Path:
+    """Load `base` (any format camelid reads), attach `adapter`, fold it in and write the merged
+    model: an HF folder with the tokenizer (to="hf") or one GGUF file llama.cpp loads (to="gguf")."""
+    from .formats import load_pretrained, save_gguf
+    from .tokenizer import Tokenizer
+
+    if to not in ("hf", "gguf"):
+        raise ValueError(f"merge_lora writes to 'hf' or 'gguf', got {to!r}")
+    read_adapter_config(adapter)  # a bad adapter fails before the base is loaded
+    tokenizer = Tokenizer.from_pretrained(base)
+    model = merge_and_unload(load_adapter(load_pretrained(base, dtype=dtype, pack=False), adapter))
+    if to == "gguf":
+        return save_gguf(model, out, dtype=gguf_dtype, tokenizer=tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)

@@ -413,6 +413,11 @@ class Trainer:
         version, internal, gauss = state["python_rng"]
         random.setstate((version, tuple(internal), gauss))
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        # This run's schedule at the saved step (its total steps may differ from the saved run's).
+        lrs = [base * f(self.scheduler.last_epoch) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
         self.skipped, self.history = state.get("skipped", 0), state.get("history", [])
 
     def _copy_adapter(self, directory: Path, layers) -> None:
