@@ -172,7 +172,8 @@ def apply_lora(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropou
     model.requires_grad_(False)
     for name, layer in layers.items():
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, LoRALinear(layer, r, lora_alpha, lora_dropout, use_rslora))
+        wrapped = LoRALinear(layer, r, lora_alpha, lora_dropout, use_rslora).train(model.training)  # eval stays eval
+        setattr(model.get_submodule(parent), attr, wrapped)
     model.lora_config = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": float(lora_dropout),
                          "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "use_rslora": use_rslora}
     return model

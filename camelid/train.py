@@ -323,6 +323,7 @@ class Trainer:
                 writer.close()
         if not cfg.save_steps or self.step % cfg.save_steps:
             self.save_checkpoint()
+        self.model.eval()  # ready for generation; train_step switches back
         result = {"step": self.step, "loss": last.get("loss"), "skipped": self.skipped,
                   "seconds": time.perf_counter() - t_start}
         if self.eval_examples:

@@ -325,3 +325,10 @@ def test_loading_an_adapter_onto_an_adapted_model_is_refused(adapter):
     model = apply_lora(tiny())
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         load_adapter(model, adapter)
+
+
+def test_adapters_follow_the_models_mode():
+    """A model in eval mode gets adapters in eval mode: dropout off at inference."""
+    model = randomize(apply_lora(tiny().eval(), lora_dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(logits(model), logits(model), rtol=0, atol=0)
