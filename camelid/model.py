@@ -207,7 +207,7 @@ class AttentionGroup:
 
 
 def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_len: int, batch: int,
-                   alibi: torch.Tensor | None = None) -> list[AttentionGroup]:
+                   alibi: torch.Tensor | None = None, split_rows: bool = True) -> list[AttentionGroup]:
     """The one mask helper.
 
     attention_mask: [B, >= kv_len] 1 for real tokens, 0 for padding (HF convention), or None; or,
@@ -219,6 +219,7 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
     alibi: the per-head slopes of an ALiBi model, folded into an additive float mask.
     A mask with holes (not left padding) gets one group with a [B, 1, T, S] mask in which a
     padding query sees itself, so no row is all -inf (that would make NaNs; it is never read).
+    split_rows=False (training, where batch invariance buys nothing): an unpadded batch is one call.
     """
     T = slots.shape[0]
     if attention_mask is not None and attention_mask.dtype != torch.bool and bool((attention_mask[:, :kv_len] > 1).any()):
@@ -231,6 +232,8 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
         if not bool((valid.sum(-1) == kv_len - lead).all()):
             return [_masked_group(valid.long(), slots, kv_len, alibi)]
         pads = lead.tolist()
+    if not split_rows and not any(pads):
+        pads, batch = [0], 1  # one group over every row: the same shapes, B rows at once
     groups, first = [], int(slots[0])
     for r, p in enumerate(pads):
         q0 = max(0, p - first)
@@ -243,7 +246,8 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
         if alibi is not None:
             bias = alibi_bias(alibi, slots[q0:] - p, S)  # (1, H, Tq, S)
             mask, is_causal = bias.masked_fill(~mask, float("-inf")), False
-        groups.append(AttentionGroup(slice(r, r + 1), p, q0, mask, is_causal, whole=batch == 1 and p == 0))
+        rows = slice(r, r + 1) if split_rows or any(pads) else slice(None)
+        groups.append(AttentionGroup(rows, p, q0, mask, is_causal, whole=batch == 1 and p == 0))
     return groups
 
 
@@ -308,7 +312,7 @@ class LlamaModel(nn.Module):
             position_ids = (positions_from_mask(attention_mask, cache_position) if attention_mask is not None
                             else cache_position[None].expand(B, T))
 
-        groups = attention_plan(attention_mask, cache_position, kv_len, B, self.alibi_slopes)
+        groups = attention_plan(attention_mask, cache_position, kv_len, B, self.alibi_slopes, split_rows=not self.training)
         rope = self.rotary_emb(position_ids, x.dtype) if self.rotary_emb is not None else None
 
         hidden_states = [x] if output_hidden_states else None

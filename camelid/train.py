@@ -258,7 +258,9 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = sum(int((b["attention_mask"] > 0).sum()) for b in micro)
-        model_flops = sum(flops(self.model.config, b["input_ids"].shape[1], b["input_ids"].shape[0], training=True).total
+        # forward + backward: 3x forward for full fine-tuning, 2x for LoRA (frozen weights get no gradient)
+        passes = 3 if cfg.lora_r is None else 2
+        model_flops = sum(passes * flops(self.model.config, b["input_ids"].shape[1], b["input_ids"].shape[0]).forward
                           for b in micro)
         if self._peak is None:
             self._peak = peak_matmul_flops(self.device, torch.bfloat16 if cfg.bf16 else torch.float32)

@@ -136,3 +136,21 @@ def test_collate_pads_right_and_ignores_padding():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, IGNORE]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_training_mode_batches_attention_and_matches_eval_mode():
+    """In training an unpadded batch runs attention in one call (batch invariance is a generation
+    property); its logits equal the per-row calls of eval mode."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 50, (3, 10))
+    with torch.no_grad():
+        trained = model.train()(ids).logits
+        evaluated = model.eval()(ids).logits
+    torch.testing.assert_close(trained, evaluated, rtol=1e-5, atol=1e-5)
+    from camelid.model import attention_plan
+
+    slots = torch.arange(10)
+    assert len(attention_plan(None, slots, 10, 3, split_rows=False)) == 1
+    assert len(attention_plan(None, slots, 10, 3)) == 3
