@@ -148,6 +148,7 @@ def _sampling_args(p) -> None:
                    help="speculative decoding: draft up to K tokens by prompt lookup (greedy; same output, faster "
                         "when the answer copies the prompt)")
     p.add_argument("--kv-cache", choices=["int8"], default=None, help="keep the KV cache in int8 (long contexts)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (camelid finetune's final/, or peft's)")
     _quantization_args(p)
 
 
@@ -161,7 +162,21 @@ def _load(args):
     from .model import LlamaForCausalLM
     from .tokenizer import Tokenizer
 
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, **_quantization(args))
+    adapter = getattr(args, "adapter", None)
+    if adapter is None:
+        model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, **_quantization(args))
+        return model, Tokenizer.from_pretrained(args.model)
+    from .lora import load_adapter, merge_and_unload, read_adapter_config
+    from .packed import can_pack, pack
+    from .quantize import is_quantized
+
+    read_adapter_config(adapter)  # a bad adapter fails before the model loads
+    model = load_adapter(LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, pack=False,
+                                                          **_quantization(args)), adapter)
+    if not is_quantized(model):  # float base: fold the adapter in, then the fast inference layout
+        merge_and_unload(model)
+        if can_pack(model):
+            pack(model)
     return model, Tokenizer.from_pretrained(args.model)
 
 

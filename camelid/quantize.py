@@ -84,7 +84,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     N, K = w.shape
     wb = w.detach().float().reshape(N, K // block_size, block_size)  # (N, B, b)
     absmax = wb.abs().amax(-1)
-    q = torch.bucketize(wb / absmax.clamp(min=1e-30)[..., None], (NF4_CODES[1:] + NF4_CODES[:-1]) / 2)
+    q = torch.bucketize((wb / absmax.clamp(min=1e-30)[..., None]).contiguous(), (NF4_CODES[1:] + NF4_CODES[:-1]) / 2)
     return q.to(torch.uint8).reshape(N, K), absmax
 
 

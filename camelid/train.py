@@ -300,6 +300,13 @@ class Trainer:
         self._truncate_metrics(metrics_path)
         writer = self._tensorboard()
         t_start, last = time.perf_counter(), {}
+        if cfg.progress:
+            from .lora import print_trainable_parameters
+
+            print_trainable_parameters(self.model)
+            print(f"{self.data_stats['examples']} examples ({self.data_stats['tokens']} tokens, "
+                  f"{self.data_stats['truncated']} truncated, {self.data_stats['dropped']} dropped) in "
+                  f"{len(self.train_rows)} rows; {self.total_steps} steps")
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train", unit="step")
         try:
             with open(metrics_path, "a", encoding="utf-8") as metrics:

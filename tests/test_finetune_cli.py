@@ -130,3 +130,21 @@ def test_merge_lora_bad_adapter(base, tmp_path, capsys):
     assert main(["merge-lora", str(base), str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     assert "no adapter config" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_with_an_adapter(base, data, tmp_path, capsys):
+    from camelid.generate import generate
+    from camelid.tokenizer import Tokenizer
+
+    assert finetune(base, data, tmp_path / "run", "--max-steps", "3") == 0
+    capsys.readouterr()
+    assert main(["generate", "What colour is a snorkbird?", "--model", str(base), "--adapter",
+                 str(tmp_path / "run" / "final"), "--json", "--max-new-tokens", "8"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    model = load_adapter(LlamaForCausalLM.from_pretrained(base, pack=False), tmp_path / "run" / "final")
+    tok = Tokenizer.from_pretrained(base)
+    expected = generate(model, tok, [[{"role": "user", "content": "What colour is a snorkbird?"}]], max_new_tokens=8,
+                        chat=True)[0].text
+    assert text == expected
+    assert main(["generate", "hi", "--model", str(base), "--adapter", str(tmp_path / "nope")]) == 2
+    assert "no adapter config" in capsys.readouterr().err
