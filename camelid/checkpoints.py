@@ -85,12 +85,13 @@ def writing(out, step: int):
         raise
 
 
-def rotate(out, keep: int | None) -> list[Path]:
-    """Keep the newest `keep` checkpoints (None: all); returns the removed folders."""
+def rotate(out, keep: int | None, keep_also: Path | None = None) -> list[Path]:
+    """Keep the newest `keep` checkpoints (None: all) and `keep_also` (the one just written,
+    whatever its step); returns the removed folders."""
     if keep is None:
         return []
     found = checkpoints(out)
-    doomed = [p for _, p in found[:-max(keep, 1)]]
+    doomed = [p for _, p in found[:-max(keep, 1)] if keep_also is None or p != Path(keep_also)]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

@@ -122,11 +122,13 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        if self.waiting.qsize() >= self.max_queue and None not in self.slots:
+        if self.waiting.qsize() >= self.max_queue + self.slots.count(None):  # free slots take the first ones
             raise QueueFull(f"{self.waiting.qsize()} requests are waiting (max_queue {self.max_queue})")
         handle = Handle(list(prompt), max_tokens, params or SamplingParams(), frozenset(eos_token_ids), min_tokens,
                         logprobs, emit)
         make_logits_processor(handle.params, self.config.vocab_size)  # validates the parameters now
+        if logprobs is not None:
+            token_logprobs(torch.zeros(1, self.config.vocab_size), torch.zeros(1, dtype=torch.long), logprobs)
         self.stats["requests"] += 1
         self.waiting.put(handle)
         self._wake.set()

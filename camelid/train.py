@@ -26,7 +26,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,7 +89,6 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     peak_flops: float | None = None  # for MFU; measured with a matmul when None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         def check(ok, name, want):
@@ -294,6 +293,10 @@ class Trainer:
         checkpoints.cleanup(self.out)  # temp folders of a save that was killed
         if resume_from_checkpoint == "latest":
             resume_from_checkpoint = checkpoints.latest(self.out)
+        elif resume_from_checkpoint is None and checkpoints.latest(self.out) is not None and self.step == 0:
+            raise ResumeError(f"{self.out} already holds checkpoints of a run ({checkpoints.latest(self.out).name}); "
+                              f"resume it (resume_from_checkpoint='latest', camelid finetune --resume) or choose "
+                              f"another output folder")
         if resume_from_checkpoint is not None:
             self.load_checkpoint(resume_from_checkpoint)
         metrics_path = self.out / "metrics.jsonl"
@@ -381,8 +384,9 @@ class Trainer:
             version, internal, gauss = random.getstate()
             state = dict(self._state(), python_rng=[version, list(internal), gauss])
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
-        checkpoints.rotate(self.out, self.config.save_total_limit)
-        return checkpoints.checkpoint_dir(self.out, self.step)
+        saved = checkpoints.checkpoint_dir(self.out, self.step)
+        checkpoints.rotate(self.out, self.config.save_total_limit, keep_also=saved)
+        return saved
 
     def load_checkpoint(self, directory) -> None:
         """Restore weights/adapter, optimizer, scheduler, RNG and data position; refuse a checkpoint
@@ -452,8 +456,11 @@ def finetune(model=None, data=None, out="out", tokenizer=None, qlora: bool = Fal
     from .tokenizer import Tokenizer
 
     config = TrainConfig(data=data, out=str(out), **options)
+    by_name = isinstance(model, (str, Path)) or model is None
+    if tokenizer is None and not by_name:
+        raise ValueError("pass tokenizer= along with a model object (a name or path brings its own)")
     tokenizer = tokenizer or Tokenizer.from_pretrained(model)
-    if isinstance(model, (str, Path)) or model is None:
+    if by_name:
         if qlora and config.lora_r is None:
             raise ValueError("qlora trains a LoRA adapter: set lora_r")
         model = LlamaForCausalLM.from_pretrained(model, dtype=dtype, pack=False, load_in_4bit=qlora,

@@ -249,3 +249,19 @@ def test_gradient_checkpointing_lowers_peak_memory():
         peak[on] = float(proc.stdout.split()[-1])
     print(f"peak RSS growth: {peak['0']:.0f} MiB without, {peak['1']:.0f} MiB with gradient checkpointing")
     assert peak["1"] < 0.6 * peak["0"]
+
+
+def test_a_new_run_will_not_overwrite_an_old_runs_checkpoints(facts, tmp_path, smollm2_tokenizer):
+    """Without resume, an output folder holding checkpoints is refused (rotation would otherwise
+    weigh the new run's step-2 checkpoint against the old run's later ones); a checkpoint just
+    written is never rotated away, whatever its step."""
+    tok = smollm2_tokenizer
+    Trainer(tiny(tok), tok, config(facts, tmp_path / "run", max_steps=4, save_steps=2)).train()
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ResumeError, match="already holds checkpoints of a run .checkpoint-000004"):
+        Trainer(tiny(tok), tok, config(facts, tmp_path / "run", max_steps=4)).train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    trainer = Trainer(tiny(tok), tok, config(facts, tmp_path / "run", save_total_limit=1))
+    trainer.train_step()
+    saved = trainer.save_checkpoint()  # step 1, older than the step-4 one that is also kept
+    assert sorted(p.name for _, p in checkpoints.checkpoints(tmp_path / "run")) == [saved.name, "checkpoint-000004"]

@@ -1,0 +1,139 @@
+"""The continuous-batching engine (camelid.engine): requests that join and leave a running batch
+get exactly what they get alone; cancel frees the slot; limits and bad requests are refused."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from camelid import LlamaConfig, LlamaForCausalLM
+from camelid.engine import Engine, EngineStopped, QueueFull
+from camelid.packed import can_pack, pack
+from camelid.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
+    return pack(m) if can_pack(m) else m
+
+
+def alone(model, prompt, n, **kw):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 300, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def run_all(engine, jobs, stagger=0.01):
+    """Submit (prompt, max_tokens, kwargs) jobs from threads, staggered; return (tokens, reason) each."""
+    results = [None] * len(jobs)
+
+    def run(i, prompt, n, kw):
+        time.sleep(stagger * i)
+        results[i] = engine.generate(prompt, n, **kw)
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.mark.parametrize("context", [256, 64], ids=["roomy", "tight"])
+def test_greedy_output_equals_each_request_alone(model, context):
+    """More requests than slots, joining at different times; a tight context forces the rows to
+    shift left and right in the cache. Every greedy output equals the request run alone."""
+    ps = prompts(12)
+    lengths = [int(n) for n in torch.randint(1, 20, (12,), generator=torch.Generator().manual_seed(1))]
+    engine = Engine(model, max_batch=4, context=context).start()
+    try:
+        results = run_all(engine, [(p, n, {}) for p, n in zip(ps, lengths)])
+    finally:
+        engine.stop()
+    for p, n, (tokens, reason) in zip(ps, lengths, results):
+        assert tokens == alone(model, p, n) and reason == "length"
+    assert engine.stats["finished"] == 12 and engine.running == 0
+
+
+def test_seeded_sampling_equals_alone_and_eos_stops(model):
+    p = prompts(1, seed=5)[0]
+    params = SamplingParams(do_sample=True, temperature=0.8, top_k=20, seed=7)
+    expected = alone(model, p, 15, do_sample=True, temperature=0.8, top_k=20, seed=7)
+    engine = Engine(model, max_batch=2).start()
+    try:
+        (tokens, reason), = run_all(engine, [(p, 15, {"params": params})])
+        assert tokens == expected
+        eos = expected[3]
+        (tokens, reason), = run_all(engine, [(p, 15, {"params": params, "eos_token_ids": [eos]})])
+        assert tokens == expected[:expected.index(eos) + 1] and reason == "stop"
+        (tokens, reason), = run_all(engine, [(p, 15, {"params": params, "eos_token_ids": [eos], "min_tokens": 15})])
+        assert len(tokens) == 15 and eos not in tokens
+    finally:
+        engine.stop()
+
+
+def test_logprobs_are_reported(model):
+    engine = Engine(model, max_batch=2).start()
+    events = []
+    done = threading.Event()
+    engine.submit(prompts(1)[0], 3, logprobs=2, emit=lambda e: (events.append(e), e.finish_reason and done.set()))
+    done.wait(60)
+    engine.stop()
+    tokens = [e for e in events if e.token is not None]
+    assert len(tokens) == 3 and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in tokens)
+    assert all(e.top_logprobs[0][0] == e.token for e in tokens)  # greedy: the chosen one is the most likely
+
+
+def test_cancel_frees_the_slot_at_the_next_step(model):
+    engine = Engine(model, max_batch=1, context=256).start()
+    first = threading.Event()
+    finished = []
+
+    def emit(e):
+        if e.token is not None:
+            first.set()
+        if e.finish_reason:
+            finished.append(e.finish_reason)
+
+    handle = engine.submit(prompts(1)[0], 200, emit=emit)
+    assert first.wait(60)
+    engine.cancel(handle)
+    tokens, reason = engine.generate(prompts(1, seed=3)[0], 4)  # gets the only slot once it is freed
+    engine.stop()
+    assert finished == ["abort"] and len(handle.generated) < 200 and reason == "length"
+    assert engine.stats["aborted"] == 1 and engine.running == 0
+
+
+def test_queue_limit_and_shutdown(model):
+    engine = Engine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    for _ in range(3):
+        engine.submit(prompts(1)[0], 4)  # one would take the free slot, two wait
+    with pytest.raises(QueueFull, match="max_queue 2"):
+        engine.submit(prompts(1)[0], 4)
+    engine.start()
+    engine.stop(drain=False)
+    with pytest.raises(EngineStopped):
+        engine.submit(prompts(1)[0], 4)
+
+
+@pytest.mark.parametrize("prompt, n, kw, match", [
+    ([], 4, {}, "prompt is empty"),
+    ([1, 2], 0, {}, "max_tokens must be at least 1"),
+    ([1] * 250, 10, {}, "exceeds the context length 256"),
+    ([1, 999], 4, {}, "token id 999 is outside the vocabulary"),
+    ([1, 2], 4, {"logprobs": 50}, "top_n must be an int in"),
+    ([1, 2], 4, {"params": SamplingParams(logit_bias={5000: 1.0})}, "logit_bias"),
+])
+def test_bad_requests_are_refused_before_queueing(model, prompt, n, kw, match):
+    engine = Engine(model, max_batch=1)
+    with pytest.raises(ValueError, match=match):
+        engine.submit(prompt, n, **kw)
+    assert engine.waiting.empty() and engine.stats["requests"] == 0
