@@ -10,6 +10,7 @@
   camelid perplexity MODEL TEXT_FILE       sliding-window perplexity; --kl-reference M for KL divergence
   camelid finetune --data D.jsonl --out DIR LoRA (default), QLoRA (--qlora) or full (--full) fine-tuning
   camelid merge-lora BASE ADAPTER OUT      fold an adapter into its base: HF folder or --to gguf
+  camelid serve [--model M] [--port 8000]  OpenAI-compatible HTTP server with continuous batching
 """
 
 from __future__ import annotations
@@ -360,6 +361,18 @@ def cmd_merge_lora(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    if args.api_key is None:
+        import os
+
+        args.api_key = os.environ.get("CAMELID_API_KEY") or None
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, model_name=args.served_model_name, adapter=args.adapter)
+    return 0
+
+
 def _finetune_args(p) -> None:
     p.add_argument("--model", default=None, help="base model name or path (default: smollm2-135m-instruct)")
     p.add_argument("--data", required=True, help="training JSONL: text | prompt/completion | instruction/output | messages")
@@ -481,6 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="dtype of the merged weights (default float32)")
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", help="tensor type with --to gguf")
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    p.add_argument("--model", default=None, help="model name or path (default: smollm2-135m-instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set CAMELID_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that (more: HTTP 429)")
+    p.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: --model)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder, merged into the model")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
