@@ -72,6 +72,7 @@ class Handle:
     cancelled: bool = False
     done: bool = False
     slot: int | None = None
+    constraint: object | None = None  # camelid.grammar.JsonConstraint: mask(scores), advance(token)
 
 
 class _RowCache:
@@ -108,7 +109,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the caller's side
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
-               min_tokens: int = 0, logprobs: int | None = None, emit: Callable[[Event], None] = lambda e: None) -> Handle:
+               min_tokens: int = 0, logprobs: int | None = None, emit: Callable[[Event], None] = lambda e: None,
+               constraint=None) -> Handle:
         """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
@@ -125,7 +127,7 @@ class Engine:
         if self.waiting.qsize() >= self.max_queue + self.slots.count(None):  # free slots take the first ones
             raise QueueFull(f"{self.waiting.qsize()} requests are waiting (max_queue {self.max_queue})")
         handle = Handle(list(prompt), max_tokens, params or SamplingParams(), frozenset(eos_token_ids), min_tokens,
-                        logprobs, emit)
+                        logprobs, emit, constraint=constraint)
         make_logits_processor(handle.params, self.config.vocab_size)  # validates the parameters now
         if logprobs is not None:
             token_logprobs(torch.zeros(1, self.config.vocab_size), torch.zeros(1, dtype=torch.long), logprobs)
@@ -270,8 +272,16 @@ class Engine:
         if len(h.generated) < h.min_tokens and h.eos:
             scores = scores.clone()
             scores[:, sorted(h.eos)] = float("-inf")
+        if h.constraint is not None:
+            scores = h.constraint.mask(scores)
         nxt = st["sample"](scores, st["rng"])
         token = int(nxt[0])
+        if h.constraint is not None:
+            try:
+                h.constraint.advance(token)
+            except ValueError as e:
+                self._finish(h, "error", error=str(e))
+                return
         event = Event(token=token)
         if h.logprobs is not None:
             chosen, values, ids = token_logprobs(st["logits"], nxt, h.logprobs)

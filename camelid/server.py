@@ -234,7 +234,7 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
                            type="context_length_exceeded")
         return n
 
-    def start(prompt_ids, n_tokens, params, opts, logprobs):
+    def start(prompt_ids, n_tokens, params, opts, logprobs, constraint=None):
         choices = []
         loop = asyncio.get_running_loop()
         try:
@@ -242,7 +242,8 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
                 c = Choice(i, tokenizer, opts["stop"])
                 p = params if params.seed is None or i == 0 else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
                 c.handle = engine.submit(prompt_ids, n_tokens, p, eos, logprobs=logprobs,
-                                         emit=lambda e, q=c.queue: loop.call_soon_threadsafe(q.put_nowait, e))
+                                         emit=lambda e, q=c.queue: loop.call_soon_threadsafe(q.put_nowait, e),
+                                         constraint=constraint() if constraint else None)
                 choices.append(c)
         except QueueFull as e:
             for c in choices:
@@ -295,11 +296,11 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
                 "top_logprobs": [{token_text(t): lp for t, lp in (e.top_logprobs or [])} for e in c.logprobs],
                 "text_offset": []}
 
-    async def respond(request, body, prompt_ids, chat: bool, logprobs, top_logprobs):
+    async def respond(request, body, prompt_ids, chat: bool, logprobs, top_logprobs, constraint=None):
         params, opts = sampling_fields(body, model.config.vocab_size)
         n_tokens = max_tokens(body, len(prompt_ids), default=engine.context - len(prompt_ids) if chat else 16)
         n_tokens = min(n_tokens, limit)
-        choices = start(prompt_ids, n_tokens, params, opts, top_logprobs if logprobs else None)
+        choices = start(prompt_ids, n_tokens, params, opts, top_logprobs if logprobs else None, constraint)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
         if not opts["stream"]:
@@ -417,8 +418,7 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
                 raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
             if m["role"] == "developer":
                 messages[i] = dict(m, role="system")
-        if body.get("response_format", {"type": "text"}) not in ({"type": "text"}, None):
-            raise APIError(400, "response_format other than text is not supported yet", "response_format")
+        constraint = response_format(body.get("response_format"))
         lp = _field(body, "logprobs", (bool,), False)
         top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
                      f"an integer in [0, {MAX_TOP_LOGPROBS}]")
@@ -427,7 +427,29 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
                                                 tools=body.get("tools") if isinstance(body.get("tools"), list) else None)
         except ValueError as e:  # the template refused the conversation, or has no template
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages")
-        return await respond(request, body, ids, chat=True, logprobs=lp, top_logprobs=top)
+        return await respond(request, body, ids, chat=True, logprobs=lp, top_logprobs=top, constraint=constraint)
+
+    def response_format(fmt):
+        """A factory of JsonConstraint for json_object / json_schema (one per choice), or None."""
+        if fmt is None or fmt == {"type": "text"}:
+            return None
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise APIError(400, "'response_format.type' must be text, json_object or json_schema", "response_format")
+        from .grammar import ConstraintError, JsonConstraint, compile_schema
+
+        schema = None
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise APIError(400, "'response_format.json_schema.schema' must be a JSON schema object",
+                               "response_format")
+            schema = spec.get("schema", {})
+        try:
+            grammar = compile_schema(schema)
+            JsonConstraint(tokenizer, grammar=grammar)  # fails now, not in the engine thread
+        except ConstraintError as e:
+            raise APIError(400, str(e), "response_format")
+        return lambda: JsonConstraint(tokenizer, grammar=grammar)
 
     @app.get("/metrics")
     async def metrics():
@@ -457,11 +479,11 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_queue: int = 64, model_name: str | None = None, adapter: str | None = None) -> None:
     """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise RuntimeError("camelid serve needs FastAPI and uvicorn: pip install 'camelid[serve]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise RuntimeError("camelid serve needs FastAPI and uvicorn: pip install 'camelid[serve]'")
+    import uvicorn
 
     from .model import LlamaForCausalLM
     from .tokenizer import Tokenizer

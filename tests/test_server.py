@@ -283,3 +283,36 @@ def test_sigterm_with_streams_in_flight_ends_cleanly(smollm2_gguf, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}},
+          "required": ["name", "age", "city"], "additionalProperties": False}
+
+
+def test_json_schema_output_always_parses_and_fits(client):
+    r = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Describe a person."}], max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    value = json.loads(r.choices[0].message.content)
+    assert set(value) == {"name", "age", "city"} and isinstance(value["name"], str)
+    assert isinstance(value["age"], int) and value["city"] in PERSON["properties"]["city"]["enum"]
+    assert r.choices[0].finish_reason == "stop"
+    for seed in range(3):  # sampled answers too
+        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Any JSON please."}],
+                                           max_tokens=80, temperature=1.0, seed=seed,
+                                           response_format={"type": "json_object"})
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("fmt, message", [
+    ({"type": "xml"}, "response_format.type"),
+    ({"type": "json_schema", "json_schema": {"schema": "not a schema"}}, "must be a JSON schema object"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}},
+     "the JSON schema cannot be"),
+])
+def test_bad_response_formats(server, fmt, message):
+    r = post(server, CHAT, content=json.dumps({**OK_CHAT, "response_format": fmt}),
+             headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
