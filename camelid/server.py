@@ -24,6 +24,7 @@ import math
 import time
 import uuid
 
+from . import tools
 from .engine import Engine, EngineStopped, Event, QueueFull
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 from .tokenizer import IncrementalDecoder
@@ -296,30 +297,62 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
                 "top_logprobs": [{token_text(t): lp for t, lp in (e.top_logprobs or [])} for e in c.logprobs],
                 "text_offset": []}
 
-    async def respond(request, body, prompt_ids, chat: bool, logprobs, top_logprobs, constraint=None):
+    def message(c: Choice, tool_mode):
+        """The chat message of a finished choice: content, or tool_calls when the answer is a call."""
+        choice, tool_list = tool_mode or ("none", [])
+        calls = None
+        if choice not in ("none", "auto") and c.finish_reason == "stop":
+            call = json.loads(c.text)  # decoded under the call's schema: it parses
+            calls = tools.as_tool_calls([call])
+        elif choice == "auto":
+            calls = tools.parse_tool_calls(c.text, tool_list)
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+
+    async def respond(request, body, prompt_ids, chat: bool, logprobs, top_logprobs, constraint=None, tool_mode=None):
         params, opts = sampling_fields(body, model.config.vocab_size)
         n_tokens = max_tokens(body, len(prompt_ids), default=engine.context - len(prompt_ids) if chat else 16)
         n_tokens = min(n_tokens, limit)
         choices = start(prompt_ids, n_tokens, params, opts, top_logprobs if logprobs else None, constraint)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
-        if not opts["stream"]:
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choice_list, **extra):
+            return "data: " + json.dumps({"id": rid, "object": chunk_kind, "created": created, "model": model_name,
+                                          "choices": choice_list, **extra}) + "\n\n"
+
+        with_tools = tool_mode is not None and tool_mode[0] != "none"
+        if not opts["stream"] or with_tools:  # a tool call is known only at the end: streamed whole
             for c in choices:
                 async for _ in run(request, c):
                     pass
             out = []
             for c in choices:
                 lp = (chat_logprobs(c) if chat else text_logprobs(c)) if logprobs else None
-                body_c = {"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}
-                out.append({"index": c.index, **body_c, "logprobs": lp, "finish_reason": c.finish_reason})
-            return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_name, "choices": out,
-                                 "usage": usage(len(prompt_ids), choices)})
+                if chat:
+                    msg, reason = message(c, tool_mode)
+                    out.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": reason})
+                else:
+                    out.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+            if not opts["stream"]:
+                return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_name,
+                                     "choices": out, "usage": usage(len(prompt_ids), choices)})
 
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            def whole():
+                for o in out:
+                    msg = o["message"]
+                    delta = {"role": "assistant", "content": msg["content"]}
+                    if msg.get("tool_calls"):
+                        delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(msg["tool_calls"])]
+                    yield chunk([{"index": o["index"], "delta": delta, "logprobs": o["logprobs"], "finish_reason": None}])
+                    yield chunk([{"index": o["index"], "delta": {}, "logprobs": None, "finish_reason": o["finish_reason"]}])
+                if opts["include_usage"]:
+                    yield chunk([], usage=usage(len(prompt_ids), choices))
+                yield "data: [DONE]\n\n"
 
-        def chunk(choice_list, **extra):
-            return "data: " + json.dumps({"id": rid, "object": chunk_kind, "created": created, "model": model_name,
-                                          "choices": choice_list, **extra}) + "\n\n"
+            return StreamingResponse(whole(), media_type="text/event-stream")
 
         async def events():
             merged: asyncio.Queue = asyncio.Queue()
@@ -423,11 +456,24 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
         top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
                      f"an integer in [0, {MAX_TOP_LOGPROBS}]")
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                tools=body.get("tools") if isinstance(body.get("tools"), list) else None)
+            tool_list = tools.check_tools(body.get("tools"))
+            choice = tools.check_choice(body.get("tool_choice"), tool_list)
+            if choice != "none":
+                messages = tools.tool_messages(messages, tool_list, tokenizer.chat_template)
+        except (tools.ToolError, KeyError, TypeError, ValueError) as e:
+            raise APIError(400, f"tools: {e}", "tools")
+        if choice not in ("none", "auto"):  # a call is required: decode it under its JSON schema
+            if constraint is not None:
+                raise APIError(400, "response_format cannot be combined with a required tool call", "tool_choice")
+            constraint = response_format({"type": "json_schema",
+                                          "json_schema": {"schema": tools.call_schema(tool_list, choice)}})
+        render_tools = tool_list if choice != "none" and tools.supports_tools(tokenizer.chat_template) else None
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=render_tools)
         except ValueError as e:  # the template refused the conversation, or has no template
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages")
-        return await respond(request, body, ids, chat=True, logprobs=lp, top_logprobs=top, constraint=constraint)
+        return await respond(request, body, ids, chat=True, logprobs=lp, top_logprobs=top, constraint=constraint,
+                             tool_mode=(choice, tool_list))
 
     def response_format(fmt):
         """A factory of JsonConstraint for json_object / json_schema (one per choice), or None."""

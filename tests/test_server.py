@@ -316,3 +316,73 @@ def test_bad_response_formats(server, fmt, message):
     r = post(server, CHAT, content=json.dumps({**OK_CHAT, "response_format": fmt}),
              headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+
+
+@pytest.mark.parametrize("tool_choice, name", [("required", None), ({"type": "function", "function": {"name": "get_time"}},
+                                                                    "get_time")])
+def test_required_tool_calls_are_well_formed(client, tool_choice, name):
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.type == "function" and call.id.startswith("call_")
+    if name:
+        assert call.function.name == name and isinstance(args["zone"], str)
+    else:
+        assert call.function.name in ("get_weather", "get_time")
+        if call.function.name == "get_weather":
+            assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+    # streamed: the same call arrives as a tool_calls delta
+    stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                            tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=60,
+                                            temperature=0, stream=True)
+    deltas = [c.choices[0] for c in stream if c.choices]
+    streamed = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert streamed[0].function.name == call.function.name and streamed[0].function.arguments == call.function.arguments
+    assert deltas[-1].finish_reason == "tool_calls"
+    # the conversation continues with the tool's result
+    follow = client.chat.completions.create(model="smollm2", max_tokens=8, temperature=0, tools=[WEATHER, TIME], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}])
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_parse_tool_calls_recognises_the_usual_shapes():
+    from camelid.tools import parse_tool_calls
+
+    tools = [WEATHER, TIME]
+    bare = parse_tool_calls('{"name": "get_time", "arguments": {"zone": "UTC"}}', tools)
+    assert bare[0]["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
+    tagged = parse_tool_calls('<tool_call>\n{"name": "get_time", "parameters": {"zone": "CET"}}\n</tool_call>'
+                              '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>',
+                              tools)
+    assert [c["function"]["name"] for c in tagged] == ["get_time", "get_weather"]
+    assert json.loads(tagged[1]["function"]["arguments"]) == {"city": "Oslo"}
+    for text in ["The weather is fine.", '{"name": "launch_missiles", "arguments": {}}', '{"name": "get_time", '
+                 '"arguments": [1]}', "<tool_call>not json</tool_call>"]:
+        assert parse_tool_calls(text, tools) is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tools": "get_weather"}, "'tools' must be a list"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0] must be"),
+    ({"tools": [WEATHER, WEATHER]}, "used twice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'tool_choice' must be"),
+    ({"tool_choice": "required"}, "needs 'tools'"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+])
+def test_bad_tool_requests(server, extra, message):
+    r = post(server, CHAT, content=json.dumps({**OK_CHAT, **extra}), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
