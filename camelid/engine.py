@@ -87,13 +87,17 @@ class _RowCache:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
+                 max_total_tokens: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
         self.config = model.config
         self.context = min(context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_total_tokens = max_total_tokens  # prompt + max_tokens over every admitted request
+        self.booked = 0  # that sum now
+        self._lock = threading.Lock()
         self.cache = KVCache(self.config, max_batch, self.context, dtype=model.dtype, device=model.device)
         self.mask = torch.zeros(max_batch, self.context, dtype=torch.long, device=model.device)
         self.slots: list[Handle | None] = [None] * max_batch
@@ -124,15 +128,24 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        if self.waiting.qsize() >= self.max_queue + self.slots.count(None):  # free slots take the first ones
-            raise QueueFull(f"{self.waiting.qsize()} requests are waiting (max_queue {self.max_queue})")
         handle = Handle(list(prompt), max_tokens, params or SamplingParams(), frozenset(eos_token_ids), min_tokens,
                         logprobs, emit, constraint=constraint)
         make_logits_processor(handle.params, self.config.vocab_size)  # validates the parameters now
         if logprobs is not None:
             token_logprobs(torch.zeros(1, self.config.vocab_size), torch.zeros(1, dtype=torch.long), logprobs)
-        self.stats["requests"] += 1
-        self.waiting.put(handle)
+        cost = len(prompt) + max_tokens
+        if self.max_total_tokens is not None and cost > self.max_total_tokens:
+            raise ValueError(f"prompt + max_tokens ({cost}) exceeds the server's total token limit "
+                             f"{self.max_total_tokens}")
+        with self._lock:
+            if self.waiting.qsize() >= self.max_queue + self.slots.count(None):  # free slots take the first ones
+                raise QueueFull(f"{self.waiting.qsize()} requests are waiting (max_queue {self.max_queue})")
+            if self.max_total_tokens is not None and self.booked + cost > self.max_total_tokens:
+                raise QueueFull(f"{self.booked} tokens are booked by running and waiting requests "
+                                f"(max_total_tokens {self.max_total_tokens})")
+            self.booked += cost
+            self.stats["requests"] += 1
+            self.waiting.put(handle)
         self._wake.set()
         return handle
 
@@ -182,6 +195,7 @@ class Engine:
                     self._finish(h, "error", error=f"{type(e).__name__}: {e}")
                 while not self.waiting.empty():
                     self.waiting.get_nowait()
+                self._state.clear()
                 self.slots = [None] * self.max_batch
                 self.mask.zero_()
                 self.t = 0
@@ -200,6 +214,8 @@ class Engine:
         if h.done:
             return
         h.done = True
+        with self._lock:
+            self.booked -= len(h.prompt) + h.max_tokens
         if h.slot is not None:
             self.slots[h.slot] = None
             self.mask[h.slot].zero_()

@@ -154,11 +154,12 @@ class Choice:
 # ---------------------------------------------------------------------- the app
 
 def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, max_tokens_limit: int | None = None, context: int | None = None):
+               max_queue: int = 64, max_tokens_limit: int | None = None, context: int | None = None,
+               max_total_tokens: int | None = None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context, max_total_tokens=max_total_tokens)
     limit = max_tokens_limit or engine.context
     eos = tokenizer.eos_token_ids
     started = time.time()
@@ -523,7 +524,8 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
-          max_queue: int = 64, model_name: str | None = None, adapter: str | None = None) -> None:
+          max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
+          max_tokens_limit: int | None = None, max_total_tokens: int | None = None) -> None:
     """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT."""
     import importlib.util
 
@@ -544,5 +546,6 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             pack(llm)
     tokenizer = Tokenizer.from_pretrained(model)
     name = model_name or (str(model) if model is not None else "smollm2-135m-instruct")
-    app = create_app(llm, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(llm, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

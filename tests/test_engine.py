@@ -137,3 +137,16 @@ def test_bad_requests_are_refused_before_queueing(model, prompt, n, kw, match):
     with pytest.raises(ValueError, match=match):
         engine.submit(prompt, n, **kw)
     assert engine.waiting.empty() and engine.stats["requests"] == 0
+
+
+def test_total_token_limit(model):
+    engine = Engine(model, max_batch=2, max_total_tokens=50)  # not started: bookings stay
+    engine.submit([1] * 10, 20)  # 30 booked
+    with pytest.raises(QueueFull, match="30 tokens are booked"):
+        engine.submit([1] * 10, 11)
+    engine.submit([1] * 10, 10)  # exactly 50
+    with pytest.raises(ValueError, match="exceeds the server's total token limit 50"):
+        Engine(model, max_total_tokens=50).submit([1] * 30, 21)
+    engine.start()
+    engine.stop(drain=True)
+    assert engine.booked == 0 and engine.stats["finished"] == 2
