@@ -17,11 +17,13 @@ else is running.
     slot:   0  1  2  3  4  5  6  7  8        t = 9
     row 0   .  .  a  a  a  a  a  a  a        started at 2
     row 1   .  .  .  .  .  .  b  b  b        joined later (prefill alone into slots 6..8)
-    row 2   (free: mask all 0, its attention is skipped)
+    row 2   (free)
 
-A new request is prefilled alone into its row, between decode steps. If its prompt is longer
-than t, every row shifts right; when t reaches the end of the cache, every row shifts left by the
-smallest start. Shifts copy cache slots and change no value: RoPE positions count real tokens.
+Running rows are kept first (a finished row's slot is refilled by moving the last running row
+into it), so a decode step computes exactly the running rows. A new request is prefilled alone
+into its row, between decode steps. If its prompt is longer than t, every row shifts right; when
+t reaches the end of the cache, every row shifts left by the smallest start. Moves and shifts copy
+only used slots and change no value: RoPE positions count real tokens.
 """
 
 from __future__ import annotations
@@ -76,12 +78,12 @@ class Handle:
 
 
 class _RowCache:
-    """The KVCache interface over one row of the engine's cache (views: writes go through)."""
+    """The KVCache interface over rows [first, last) of the engine's cache (views: writes go through)."""
 
-    def __init__(self, cache: KVCache, row: int):
-        self.k = [t[row:row + 1] for t in cache.k]
-        self.v = [t[row:row + 1] for t in cache.v]
-        self.batch_size, self.max_seq_len = 1, cache.max_seq_len
+    def __init__(self, cache: KVCache, first: int, last: int):
+        self.k = [t[first:last] for t in cache.k]
+        self.v = [t[first:last] for t in cache.v]
+        self.batch_size, self.max_seq_len = last - first, cache.max_seq_len
 
     update = KVCache.update
 
@@ -205,6 +207,7 @@ class Engine:
         for b, h in enumerate(self.slots):
             if h is not None and h.cancelled:
                 self._finish(h, "abort")
+        self._compact()
         self._admit()
         if not self.running:
             return
@@ -224,15 +227,32 @@ class Engine:
         h.emit(Event(finish_reason=reason, error=error))
 
     def _shift(self, d: int) -> None:
-        """Move every row's slots by d (right if > 0, left if < 0)."""
+        """Move every row's used slots [lowest start, t) by d (right if > 0, left if < 0)."""
+        lo, hi = min(self._starts(), default=self.t), self.t
         for t in self.cache.k + self.cache.v:
-            t.copy_(torch.roll(t, d, dims=2))
-        self.mask.copy_(torch.roll(self.mask, d, dims=1))
-        if d > 0:
-            self.mask[:, :d] = 0
-        else:
-            self.mask[:, d:] = 0
+            t[:, :, lo + d:hi + d] = t[:, :, lo:hi].clone()
+        window = self.mask[:, lo:hi].clone()
+        self.mask.zero_()
+        self.mask[:, lo + d:hi + d] = window
         self.t += d
+
+    def _compact(self) -> None:
+        """Running rows first: the highest running row moves into the lowest free slot (only its
+        used slots are copied), so a decode step computes exactly the running rows."""
+        while True:
+            live = [b for b, h in enumerate(self.slots) if h is not None]
+            hole = self.slots.index(None) if None in self.slots else len(self.slots)
+            if not live or live[-1] < hole:
+                return
+            src, dst = live[-1], hole
+            lo = int(self.mask[src, :self.t].argmax())
+            for t in self.cache.k + self.cache.v:
+                t[dst, :, lo:self.t] = t[src, :, lo:self.t]
+            self.mask[dst] = self.mask[src]
+            self.mask[src].zero_()
+            h = self.slots[src]
+            self.slots[dst], self.slots[src], h.slot = h, None, dst
+            self._state[dst] = self._state.pop(src)
 
     def _starts(self) -> list[int]:
         return [int(self.mask[b, :self.t].argmax()) for b, h in enumerate(self.slots) if h is not None]
@@ -269,7 +289,7 @@ class Engine:
             self.mask[b].zero_()
             self.mask[b, self.t - P:self.t] = 1
             ids = torch.tensor([h.prompt], device=self.model.device)
-            logits = self.model(ids, attention_mask=self.mask[b:b + 1, :self.t], cache=_RowCache(self.cache, b),
+            logits = self.model(ids, attention_mask=self.mask[b:b + 1, :self.t], cache=_RowCache(self.cache, b, b + 1),
                                 cache_position=torch.arange(self.t - P, self.t, device=ids.device),
                                 logits_to_keep=1).logits[:, -1]
             self._state[b] = {"process": make_logits_processor(h.params, self.config.vocab_size),
@@ -319,13 +339,12 @@ class Engine:
     def _decode(self) -> None:
         if self.t + 1 > self.context:
             self._shift(-min(self._starts()))
-        B = self.max_batch
-        ids = torch.zeros(B, 1, dtype=torch.long, device=self.model.device)
-        live = [b for b, h in enumerate(self.slots) if h is not None]
-        for b in live:
-            ids[b, 0] = self.slots[b].generated[-1]
-            self.mask[b, self.t] = 1
-        logits = self.model(ids, attention_mask=self.mask[:, :self.t + 1], cache=self.cache,
+        self._compact()  # a row that finished while admitting left a hole
+        n = self.running  # rows 0..n-1 (compact)
+        ids = torch.tensor([[self.slots[b].generated[-1]] for b in range(n)], device=self.model.device)
+        live = list(range(n))
+        self.mask[:n, self.t] = 1
+        logits = self.model(ids, attention_mask=self.mask[:n, :self.t + 1], cache=_RowCache(self.cache, 0, n),
                             cache_position=torch.tensor([self.t], device=ids.device), logits_to_keep=1).logits[:, -1]
         self.t += 1
         self.stats["steps"] += 1
