@@ -272,3 +272,24 @@ def test_a_new_run_will_not_overwrite_an_old_runs_checkpoints(facts, tmp_path, s
     trainer.train_step()
     saved = trainer.save_checkpoint()  # step 1, older than the step-4 one that is also kept
     assert sorted(p.name for _, p in checkpoints.checkpoints(tmp_path / "run")) == [saved.name, "checkpoint-000004"]
+
+
+def test_accumulation_equals_one_big_batch_and_bf16_trains(facts, tmp_path, smollm2_tokenizer):
+    """2 micro-batches of 1 row = 1 batch of 2 rows: the loss is the mean over every learned
+    token of the step (not a mean of micro-batch means), so loss and update agree."""
+    tok = smollm2_tokenizer
+
+    def one_step(**kw):
+        trainer = Trainer(tiny(tok), tok, config(facts, tmp_path / str(len(kw)), lora_r=None, max_steps=1,
+                                                 lora_dropout=0.0, **kw))
+        grads = []
+        trainer.optimizer.step = lambda: grads.extend(p.grad.clone() for p in trainer.params)  # what the step sees
+        loss = trainer.train_step()["loss"]  # the same rows: epoch order is a function of (seed, epoch)
+        return loss, grads
+    (loss_big, big), (loss_small, small) = one_step(batch_size=2), one_step(batch_size=1, gradient_accumulation_steps=2)
+    assert loss_big == pytest.approx(loss_small, abs=1e-6)
+    assert len(big) == len(small) and all(torch.allclose(g, h, rtol=1e-4, atol=1e-7) for g, h in zip(big, small))
+    bf16 = Trainer(tiny(tok), tok, config(facts, tmp_path / "bf16", lora_r=None, bf16=True, gradient_checkpointing=True,
+                                          max_steps=8, learning_rate=3e-3))
+    bf16.train()
+    assert bf16.history[-1]["loss"] < bf16.history[0]["loss"]
