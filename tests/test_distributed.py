@@ -1,0 +1,103 @@
+"""Tensor parallelism (camelid.distributed) on CPU with gloo, in 2 and 4 real processes: logits
+and greedy generation equal the single-process model for MHA, GQA and fewer KV heads than ranks;
+per-rank weight bytes shrink; impossible splits fail before any weight moves."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from camelid import LlamaConfig, LlamaForCausalLM
+from camelid.distributed import TPError, check_plan, head_plan, resident_weight_bytes, tensor_parallel
+
+CONFIGS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=8, num_key_value_heads=4),
+    "kv<ranks": dict(num_attention_heads=8, num_key_value_heads=2),
+    "mqa-tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    "odd-vocab": dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=101),
+}
+
+
+def build(kind: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = {**dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, attention_bias=True),
+           **CONFIGS[kind]}
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+IDS = torch.tensor([[5, 17, 99, 3, 64, 12, 7], [1, 2, 3, 4, 5, 6, 8]])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, kind, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build(kind)
+        whole = resident_weight_bytes(model)
+        tensor_parallel(model)
+        with torch.no_grad():
+            logits = model(IDS).logits
+        tokens = model.generate(IDS[:1], max_new_tokens=6)
+        if rank == 0:
+            torch.save({"logits": logits, "tokens": tokens, "bytes": resident_weight_bytes(model), "whole": whole}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_tp(kind, world, tmp_path):
+    out = str(tmp_path / f"{kind}-{world}.pt")
+    mp.start_processes(_worker, args=(world, free_port(), kind, out), nprocs=world, start_method="spawn")
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_tp_logits_and_greedy_equal_one_process(kind, world, tmp_path):
+    got = run_tp(kind, world, tmp_path)
+    model = build(kind)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    torch.testing.assert_close(got["logits"], expected, rtol=0, atol=1e-5)
+    assert torch.equal(got["tokens"], model.generate(IDS[:1], max_new_tokens=6))
+    ratio = got["bytes"] / got["whole"]
+    print(f"{kind} world {world}: rank 0 holds {got['bytes']} of {got['whole']} weight bytes ({ratio:.2f}x)")
+    assert ratio < (0.75 if world == 2 else 0.5) or kind == "odd-vocab"
+
+
+def test_head_plans():
+    assert head_plan(8, 4, 2, 1) == (slice(4, 8), slice(2, 4))
+    assert head_plan(8, 2, 4, 3) == (slice(6, 8), slice(1, 2))  # KV head 1 replicated on ranks 2 and 3
+    assert head_plan(4, 1, 4, 2) == (slice(2, 3), slice(0, 1))
+
+
+@pytest.mark.parametrize("cfg, world, message", [
+    (dict(num_attention_heads=6, num_key_value_heads=6, hidden_size=48), 4, "does not divide num_attention_heads 6"),
+    (dict(num_attention_heads=12, num_key_value_heads=3, hidden_size=48), 4, "neither a divisor nor a multiple"),
+    (dict(num_attention_heads=4, num_key_value_heads=4, intermediate_size=90), 4, "does not divide intermediate_size"),
+    (dict(num_attention_heads=4, num_key_value_heads=4, alibi=True), 2, "ALiBi"),
+])
+def test_impossible_splits_fail_before_loading(cfg, world, message):
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    config = LlamaConfig(**{**base, **cfg})
+    with pytest.raises(TPError, match=message):
+        check_plan(config, world)
+
+
+def test_tensor_parallel_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group exists")
+    with pytest.raises(TPError, match="needs torch.distributed initialised"):
+        tensor_parallel(build("mha"))
+
