@@ -525,7 +525,7 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
-          max_tokens_limit: int | None = None, max_total_tokens: int | None = None) -> None:
+          max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096) -> None:
     """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT."""
     import importlib.util
 
@@ -547,5 +547,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     tokenizer = Tokenizer.from_pretrained(model)
     name = model_name or (str(model) if model is not None else "smollm2-135m-instruct")
     app = create_app(llm, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens)
+                     max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens, context=context)
+    engine = app.state.engine
+    print(f"camelid serve: {name}, {max_batch} slots x {engine.context} tokens of KV cache "
+          f"({engine.cache.nbytes() / 2**20:.0f} MiB)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
