@@ -191,11 +191,47 @@ def _quantization(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    if args.nproc > 1:
+        import random
+
+        from .distributed import check_plan, launch
+        from .formats import checkpoint_config
+
+        try:
+            config = checkpoint_config(args.model)
+        except (ValueError, OSError):
+            config = None  # e.g. a Meta folder: the ranks' loaders report what is wrong
+        if config is not None:
+            check_plan(config, args.nproc)  # a split that cannot work fails before any weight loads
+        if args.load_in_8bit or args.load_in_4bit or args.adapter or args.prompt_lookup:
+            raise ValueError("--nproc takes a float model: not with --load-in-*bit, --adapter or --prompt-lookup")
+        if args.seed is None:  # every rank must draw the same samples
+            args.seed = random.randrange(2**63)
+        launch(_generate_on_rank, args.nproc, args)
+        return 0
+    _generate(args, *_load(args))
+    return 0
+
+
+def _generate_on_rank(rank, world, args):
+    """One tensor-parallel rank of `camelid generate --nproc N`: rank 0 prints, the others compute along."""
+    from .distributed import tensor_parallel
+    from .model import LlamaForCausalLM
+    from .tokenizer import Tokenizer
+
+    model = tensor_parallel(LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, pack=False))
+    if rank:
+        import io
+
+        sys.stdout = io.StringIO()  # the same text is computed on every rank; one prints it
+    _generate(args, model, Tokenizer.from_pretrained(args.model))
+
+
+def _generate(args, model, tokenizer) -> None:
     import json
 
     from .generate import generate
 
-    model, tokenizer = _load(args)
     chat = not args.raw and bool(tokenizer.chat_template)
     prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
 
@@ -210,7 +246,7 @@ def cmd_generate(args) -> int:
                           "completion_tokens": len(result.tokens)}, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-    return 0
+    sys.stdout.flush()
 
 
 def cmd_chat(args) -> int:
@@ -444,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     p.add_argument("prompt")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="tensor parallelism over N processes (gloo on CPU, NCCL with a GPU each)")
     _sampling_args(p)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")

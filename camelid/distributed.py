@@ -174,3 +174,38 @@ def tensor_parallel(model, group=None, gather_logits: bool = True):
 def resident_weight_bytes(model) -> int:
     """Bytes of the weights this process holds (a tied table once)."""
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ---------------------------------------------------------------------- launching
+
+def _entry(rank, fn, world, port, backend, args):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, nproc: int, *args) -> None:
+    """Run fn(rank, world, *args) in `nproc` fresh processes joined in one process group (NCCL
+    when there is a GPU per process, gloo otherwise), as torchrun would; fn must be importable."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.start_processes(_entry, args=(fn, nproc, port, backend, args), nprocs=nproc, start_method="spawn")
+    except mp.ProcessRaisedException as e:  # the failing rank's traceback is in the message
+        raise RuntimeError(f"a tensor-parallel rank failed:\n{e}") from None

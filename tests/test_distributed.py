@@ -101,3 +101,32 @@ def test_tensor_parallel_needs_a_process_group():
     with pytest.raises(TPError, match="needs torch.distributed initialised"):
         tensor_parallel(build("mha"))
 
+
+
+@pytest.mark.slow
+def test_generate_with_nproc_equals_one_process(tmp_path, smollm2_tokenizer, capsys):
+    from camelid.cli import main
+
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    args = ["generate", "Hello there", "--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--json"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "camelid.cli", *args, "--nproc", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == alone  # printed once (rank 0), the same text
+
+
+def test_generate_nproc_that_cannot_split_fails_before_loading(smollm2_gguf, capsys):
+    from camelid.cli import main
+
+    assert main(["generate", "hi", "--nproc", "2"]) == 2  # SmolLM2-135M: 9 heads
+    assert "world size 2 does not divide num_attention_heads 9" in capsys.readouterr().err

@@ -8,6 +8,7 @@ meta.py       Meta's original layout (params.json + consolidated.NN.pth)
 from __future__ import annotations
 
 
+from ..config import LlamaConfig
 from .common import DTYPES, CheckpointError
 from .hf import load_hf, save_pretrained
 
@@ -97,6 +98,28 @@ def _load(path, kwargs):
                           f"a Meta folder with params.json + consolidated.*.pth, or a .gguf file)")
 
 
+def checkpoint_config(name_or_path=None) -> LlamaConfig:
+    """The LlamaConfig of a checkpoint (HF folder, GGUF, Meta folder, packaged name) or preset,
+    read without loading any weight."""
+    from ..hub import DEFAULT_MODEL, resolve
+
+    try:
+        path = resolve(DEFAULT_MODEL if name_or_path is None else name_or_path)
+    except Exception:
+        return LlamaConfig.from_pretrained(name_or_path)  # a preset name
+    gguf = _gguf_path(path)
+    if gguf is not None and not (path.is_dir() and (path / "config.json").is_file()):
+        from .gguf import gguf_config
+        from .gguf_file import GGUFFile
+
+        g = GGUFFile(gguf)
+        try:
+            return gguf_config(g)
+        finally:
+            g.close()
+    return LlamaConfig.from_pretrained(path)
+
+
 def save_gguf(model, path, dtype: str = "f16", tokenizer=None):
     """Write `model` as a GGUF file llama.cpp loads (see camelid.formats.gguf.save_gguf)."""
     from .gguf_save import save_gguf as _save_gguf
@@ -104,4 +127,4 @@ def save_gguf(model, path, dtype: str = "f16", tokenizer=None):
     return _save_gguf(model, path, dtype=dtype, tokenizer=tokenizer)
 
 
-__all__ = ["CheckpointError", "load_hf", "load_pretrained", "save_gguf", "save_pretrained"]
+__all__ = ["CheckpointError", "checkpoint_config", "load_hf", "load_pretrained", "save_gguf", "save_pretrained"]
