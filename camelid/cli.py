@@ -215,11 +215,10 @@ def cmd_generate(args) -> int:
 
 def _generate_on_rank(rank, world, args):
     """One tensor-parallel rank of `camelid generate --nproc N`: rank 0 prints, the others compute along."""
-    from .distributed import tensor_parallel
-    from .model import LlamaForCausalLM
+    from .distributed import load_tensor_parallel
     from .tokenizer import Tokenizer
 
-    model = tensor_parallel(LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, pack=False))
+    model = load_tensor_parallel(args.model, dtype=args.dtype)  # each rank reads only its shard
     if rank:
         import io
 

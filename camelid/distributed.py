@@ -67,14 +67,15 @@ def check_plan(config, world: int) -> None:
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_shard @ W[:, cols]^T) + b: the partial products of every rank summed."""
+    """y = all_reduce(x @ W_shard^T) + b: the partial products of every rank summed (W_shard holds
+    this rank's input columns)."""
 
-    def __init__(self, linear: nn.Linear, cols: slice, group):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
         super().__init__()
         self.group = group
-        self.weight = nn.Parameter(linear.weight.detach()[:, cols].contiguous(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -83,14 +84,14 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, start + V/world) of the table; ids elsewhere look up zeros; the sum over ranks
-    is the full lookup."""
+    """Rows [start, stop) of the table; ids elsewhere look up zeros; the sum over ranks is the
+    full lookup."""
 
-    def __init__(self, emb: nn.Embedding, start: int, stop: int, group):
+    def __init__(self, weight: torch.Tensor, start: int, num_embeddings: int, padding_idx, group):
         super().__init__()
-        self.group, self.start, self.stop = group, start, stop
-        self.weight = nn.Parameter(emb.weight.detach()[start:stop].contiguous(), requires_grad=False)
-        self.num_embeddings, self.embedding_dim, self.padding_idx = emb.num_embeddings, emb.embedding_dim, emb.padding_idx
+        self.group, self.start, self.stop = group, start, start + weight.shape[0]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, weight.shape[1], padding_idx
 
     def forward(self, ids):
         local = (ids >= self.start) & (ids < self.stop)
@@ -104,11 +105,11 @@ class VocabParallelLMHead(nn.Module):
     """Logits of this rank's vocabulary rows, all-gathered into the full [.., V] (gather=True) or
     left as the local shard (gather=False, for a loss that knows the split)."""
 
-    def __init__(self, linear: nn.Linear, start: int, stop: int, group, gather: bool = True):
+    def __init__(self, weight: torch.Tensor, vocab_size: int, group, gather: bool = True):
         super().__init__()
-        self.group, self.gather, self.start, self.stop = group, gather, start, stop
-        self.weight = nn.Parameter(linear.weight.detach()[start:stop].contiguous(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group, self.gather = group, gather
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], vocab_size
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -119,18 +120,38 @@ class VocabParallelLMHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-def _rows(linear: nn.Linear, rows: slice) -> nn.Linear:
-    out = nn.Linear(linear.in_features, rows.stop - rows.start, bias=linear.bias is not None,
-                    device="meta", dtype=linear.weight.dtype)
-    out.weight = nn.Parameter(linear.weight.detach()[rows].contiguous(), requires_grad=False)
-    if linear.bias is not None:
-        out.bias = nn.Parameter(linear.bias.detach()[rows].contiguous(), requires_grad=False)
-    return out
+def shard_plan(config, rank: int, world: int) -> dict[str, tuple[int, slice]]:
+    """What `rank` keeps of each checkpoint tensor: name -> (dim, slice); a name not listed is
+    kept whole. One plan serves both splitting a loaded model and reading only the shard."""
+    D, I, V = config.head_dim, config.intermediate_size, config.vocab_size
+    q_heads, kv_heads = head_plan(config.num_attention_heads, config.num_key_value_heads, world, rank)
+    q, kv = slice(q_heads.start * D, q_heads.stop * D), slice(kv_heads.start * D, kv_heads.stop * D)
+    inter = slice(rank * I // world, (rank + 1) * I // world)
+    plan = {}
+    for i in range(config.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            plan[f"{a}.{name}.weight"] = plan[f"{a}.{name}.bias"] = (0, rows)
+        for name in ("gate_proj", "up_proj"):
+            plan[f"{m}.{name}.weight"] = plan[f"{m}.{name}.bias"] = (0, inter)
+        plan[f"{a}.o_proj.weight"], plan[f"{m}.down_proj.weight"] = (1, q), (1, inter)
+    if V % world == 0:  # otherwise embedding and lm_head stay whole on every rank
+        plan["model.embed_tokens.weight"] = plan["lm_head.weight"] = (0, slice(rank * V // world, (rank + 1) * V // world))
+    return plan
 
 
-def tensor_parallel(model, group=None, gather_logits: bool = True):
-    """Keep this rank's shard of every layer (in place) and return the model. The model's config
-    becomes the rank-local one (heads per rank), the whole one stays in model.tp_config."""
+def _sliced(t: torch.Tensor, spec) -> torch.Tensor:
+    if spec is None:
+        return t
+    dim, sl = spec
+    return (t[sl] if dim == 0 else t[:, sl]).contiguous()
+
+
+def tensor_parallel(model, group=None, gather_logits: bool = True, source=None):
+    """Keep this rank's shard of every layer (in place) and return the model. source(name, spec)
+    supplies a tensor's shard (default: sliced from the model's own weights; the sharded loader
+    reads it from the checkpoint instead). The model's config becomes the rank-local one (heads
+    per rank); the whole one stays in model.tp_config."""
     from .fuse import is_fused, unfuse
     from .packed import is_packed, unpack
     from .quantize import is_quantized
@@ -144,31 +165,97 @@ def tensor_parallel(model, group=None, gather_logits: bool = True):
         unpack(model)
     if is_fused(model):
         unfuse(model)
-    D, I = config.head_dim, config.intermediate_size
+    plan = shard_plan(config, rank, world)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    if source is None:
+        def source(name, spec):
+            return _sliced(state[name].detach(), spec)
+
+    def take(name):
+        return source(name, plan.get(name)) if name in state else None
+
+    def column(prefix):  # a column-parallel nn.Linear holding this rank's output rows
+        w, b = take(f"{prefix}.weight"), take(f"{prefix}.bias")
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+        layer.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            layer.bias = nn.Parameter(b, requires_grad=False)
+        return layer
+
     q_heads, kv_heads = head_plan(config.num_attention_heads, config.num_key_value_heads, world, rank)
-    q_rows, kv_rows = slice(q_heads.start * D, q_heads.stop * D), slice(kv_heads.start * D, kv_heads.stop * D)
-    i_rows = slice(rank * I // world, (rank + 1) * I // world)
     with torch.no_grad():
-        for layer in model.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            a.q_proj, a.k_proj, a.v_proj = _rows(a.q_proj, q_rows), _rows(a.k_proj, kv_rows), _rows(a.v_proj, kv_rows)
-            a.o_proj = RowParallelLinear(a.o_proj, q_rows, group)
+        for i, layer in enumerate(model.model.layers):
+            a, m, pa, pm = layer.self_attn, layer.mlp, f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            a.q_proj, a.k_proj, a.v_proj = column(f"{pa}.q_proj"), column(f"{pa}.k_proj"), column(f"{pa}.v_proj")
+            a.o_proj = RowParallelLinear(take(f"{pa}.o_proj.weight"), take(f"{pa}.o_proj.bias"), group)
             a.num_heads, a.num_kv_heads = q_heads.stop - q_heads.start, kv_heads.stop - kv_heads.start
-            m.gate_proj, m.up_proj = _rows(m.gate_proj, i_rows), _rows(m.up_proj, i_rows)
-            m.down_proj = RowParallelLinear(m.down_proj, i_rows, group)
-        V = config.vocab_size
-        if V % world == 0:
-            start, stop = rank * V // world, (rank + 1) * V // world
-            tied = config.tie_word_embeddings
-            model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, start, stop, group)
-            model.lm_head = VocabParallelLMHead(model.lm_head, start, stop, group, gather=gather_logits)
-            if tied:  # one shard, shared, as the whole table was
+            m.gate_proj, m.up_proj = column(f"{pm}.gate_proj"), column(f"{pm}.up_proj")
+            m.down_proj = RowParallelLinear(take(f"{pm}.down_proj.weight"), take(f"{pm}.down_proj.bias"), group)
+        for name in ("model.norm.weight", *(f"model.layers.{i}.{n}.weight" for i in range(config.num_hidden_layers)
+                                            for n in ("input_layernorm", "post_attention_layernorm"))):
+            module, _, attr = name.rpartition(".")
+            model.get_submodule(module)._parameters[attr] = nn.Parameter(take(name), requires_grad=False)
+        emb = model.model.embed_tokens
+        if "model.embed_tokens.weight" in plan:
+            start = plan["model.embed_tokens.weight"][1].start
+            model.model.embed_tokens = VocabParallelEmbedding(take("model.embed_tokens.weight"), start,
+                                                              config.vocab_size, emb.padding_idx, group)
+            head = model.model.embed_tokens.weight if config.tie_word_embeddings else take("lm_head.weight")
+            model.lm_head = VocabParallelLMHead(head, config.vocab_size, group, gather=gather_logits)
+            if config.tie_word_embeddings:  # one shard, shared, as the whole table was
                 model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            emb.weight = nn.Parameter(take("model.embed_tokens.weight"), requires_grad=False)
+            if config.tie_word_embeddings:
+                model.lm_head.weight = emb.weight
+            else:
+                model.lm_head.weight = nn.Parameter(take("lm_head.weight"), requires_grad=False)
     local = copy.copy(config)  # the dataclass fields as they are: head_dim stays explicit
     local.num_attention_heads, local.num_key_value_heads = q_heads.stop - q_heads.start, kv_heads.stop - kv_heads.start
     model.tp_config, model.config = config, local
     model.tp_rank, model.tp_world = rank, world
     return model.requires_grad_(False).eval()
+
+
+def load_tensor_parallel(name_or_path=None, group=None, dtype=None, attn_implementation: str = "sdpa"):
+    """This rank's shard of a checkpoint. From an HF safetensors folder only each tensor's shard is
+    read (safetensors slices), so no rank holds the whole model; other formats are loaded whole,
+    then split."""
+    from safetensors import safe_open
+
+    from .formats import load_pretrained
+    from .formats.common import empty_model, finish, resolve_dtype
+    from .formats.hf import weight_files
+    from .config import LlamaConfig
+    from .hub import DEFAULT_MODEL, resolve
+
+    _rank_world(group)
+    path = resolve(DEFAULT_MODEL if name_or_path is None else name_or_path)
+    files = weight_files(path) if path.is_dir() and (path / "config.json").is_file() else None
+    if not files or any(f.suffix != ".safetensors" for f in files.values()):
+        model = load_pretrained(path, dtype=dtype, pack=False, attn_implementation=attn_implementation)
+        return tensor_parallel(model, group)
+    config = LlamaConfig.from_pretrained(path)
+    check_plan(config, dist.get_world_size(group))
+    dtype = resolve_dtype(dtype, config)
+    if "lm_head.weight" not in files:
+        config.tie_word_embeddings = True
+    model, _ = empty_model(config)
+    handles = {}
+
+    def source(name, spec):
+        f = files.get(name)
+        if f is None:
+            raise TPError(f"{path}: the checkpoint has no tensor {name}")
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt")
+        s = handles[f].get_slice(name)
+        t = s[:] if spec is None else (s[spec[1]] if spec[0] == 0 else s[:, spec[1]])
+        return t.to(dtype).contiguous()
+
+    tensor_parallel(model, group, source=source)
+    handles.clear()
+    return finish(model, dtype, attn_implementation)
 
 
 def resident_weight_bytes(model) -> int:

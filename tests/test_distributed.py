@@ -130,3 +130,57 @@ def test_generate_nproc_that_cannot_split_fails_before_loading(smollm2_gguf, cap
 
     assert main(["generate", "hi", "--nproc", "2"]) == 2  # SmolLM2-135M: 9 heads
     assert "world size 2 does not divide num_attention_heads 9" in capsys.readouterr().err
+
+
+def _load_worker(rank, world, port, path, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import safetensors
+
+        from camelid.distributed import load_tensor_parallel
+
+        real, read = safetensors.safe_open, [0]
+
+        class Counting:  # counts the tensor bytes the loader takes out of the files
+            def __init__(self, *args, **kwargs):
+                self.f = real(*args, **kwargs)
+
+            def get_slice(self, name):
+                whole = self.f.get_slice(name)
+
+                class Slice:
+                    def __getitem__(self, index):
+                        t = whole[index]
+                        read[0] += t.numel() * t.element_size()
+                        return t
+                return Slice()
+
+        safetensors.safe_open = Counting
+        model = load_tensor_parallel(path)
+        with torch.no_grad():
+            logits = model(IDS).logits
+        if rank == 0:
+            torch.save({"logits": logits, "bytes": resident_weight_bytes(model), "read": read[0]}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_loading_reads_only_the_shard(tmp_path):
+    """Each rank reads only its slices of the safetensors checkpoint (counted at safe_open), never
+    the whole model, and the logits equal the whole model's."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                                         num_attention_heads=8, num_key_value_heads=4)).eval()
+    model.save_pretrained(tmp_path / "m")
+    whole = resident_weight_bytes(model)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    out = str(tmp_path / "out.pt")
+    mp.start_processes(_load_worker, args=(2, free_port(), str(tmp_path / "m"), out), nprocs=2, start_method="spawn")
+    got = torch.load(out)
+    torch.testing.assert_close(got["logits"], expected, rtol=0, atol=1e-5)
+    print(f"world 2: rank 0 read {got['read'] / whole:.2f}x and holds {got['bytes'] / whole:.2f}x of the weight bytes")
+    assert 0.4 * whole < got["read"] < 0.55 * whole and got["bytes"] < 0.55 * whole
