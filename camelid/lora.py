@@ -351,6 +351,12 @@ def read_adapter_config(directory) -> dict:
     return config
 
 
+def adapter_tensors(directory) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the model's names (peft's prefix and adapter name removed)."""
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(Path(directory) / ADAPTER_WEIGHTS)).items()}
+    return {re.sub(r"\.(lora_[AB])\.default\.", r".\1.", k): v for k, v in tensors.items()}  # peft in memory
+
+
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Attach the adapter in `directory` (saved by camelid or peft) to `model`, in place. Every
     adapter tensor must find its layer with the right shape, and every wrapped layer its tensors."""
@@ -361,8 +367,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing")
-    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
-    tensors = {re.sub(r"\.(lora_[AB])\.default\.", r".\1.", k): v for k, v in tensors.items()}  # peft in memory
+    tensors = adapter_tensors(directory)
     r = config["r"]
     layers = target_layers(_prepare(model), config["target_modules"])
     expected = {f"{n}.{ab}.weight": (r, m.in_features) if ab == "lora_A" else (m.out_features, r)

@@ -435,11 +435,9 @@ class Trainer:
         self.skipped, self.history = state.get("skipped", 0), state.get("history", [])
 
     def _copy_adapter(self, directory: Path, layers) -> None:
-        from safetensors.torch import load_file
+        from .lora import adapter_tensors
 
-        from .lora import PEFT_PREFIX
-
-        tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(directory / "adapter_model.safetensors")).items()}
+        tensors = adapter_tensors(directory)
         for name, m in layers.items():
             for ab in ("lora_A", "lora_B"):
                 getattr(m, ab).weight.copy_(tensors[f"{name}.{ab}.weight"])
