@@ -66,7 +66,7 @@ def measure(generate: Callable[[torch.Tensor, int], object], vocab_size: int, ne
     ttft, _ = timed(lambda: generate(prompt, 1))
     pre, _ = timed(lambda: generate(prompt_long, 1))
     d1, _ = timed(lambda: generate(prompt, new + 1), repeats=1)
-    batch_ttft, _ = timed(lambda: generate(prompt.repeat(batch, 1), 1), repeats=1)
+    batch_ttft, _ = timed(lambda: generate(prompt.repeat(batch, 1), 1))  # a median, as ttft: one slow run made d8 - it < 0
     d8, _ = timed(lambda: generate(prompt.repeat(batch, 1), new + 1), repeats=1)
     return Figures(ttft=ttft, prefill=long / pre, decode1=new / (d1 - ttft), decode8=batch * new / (d8 - batch_ttft),
                    peak_rss=peak_rss())
