@@ -405,7 +405,8 @@ def cmd_serve(args) -> int:
         args.api_key = os.environ.get("CAMELID_API_KEY") or None
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, model_name=args.served_model_name, adapter=args.adapter,
-          max_tokens_limit=args.max_tokens_limit, max_total_tokens=args.max_total_tokens, context=args.context)
+          max_tokens_limit=args.max_tokens_limit, max_total_tokens=args.max_total_tokens, context=args.context,
+          nproc=args.nproc)
     return 0
 
 
@@ -540,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set CAMELID_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that (more: HTTP 429)")
+    p.add_argument("--nproc", type=int, default=1, help="tensor parallel over N processes; rank 0 serves")
     p.add_argument("--context", type=int, default=4096,
                    help="tokens per slot (prompt + answer; the KV cache is max-batch x context; capped at the model's)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")

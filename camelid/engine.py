@@ -104,6 +104,10 @@ class Engine:
         self.mask = torch.zeros(max_batch, self.context, dtype=torch.long, device=model.device)
         self.slots: list[Handle | None] = [None] * max_batch
         self.t = 0
+        # Tensor parallel (camelid.distributed): rank 0 decides and tells the other ranks every
+        # cache operation and forward pass, which they replay on their shards (follow()).
+        self.tp = getattr(model, "tp_world", 1) > 1
+        self.leader = not self.tp or model.tp_rank == 0
         self.waiting: queue.Queue[Handle] = queue.Queue()
         self._state: dict[int, dict] = {}  # slot -> sampling state
         self._wake = threading.Event()
@@ -175,6 +179,8 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.tp and self.leader:
+            self._tell("stop")
 
     def _all(self) -> list[Handle]:
         return [h for h in self.slots if h is not None] + list(self.waiting.queue)
@@ -199,8 +205,7 @@ class Engine:
                     self.waiting.get_nowait()
                 self._state.clear()
                 self.slots = [None] * self.max_batch
-                self.mask.zero_()
-                self.t = 0
+                self._reset(0)
 
     def step(self) -> None:
         """Free finished slots, admit waiting requests (prefill), then one decode step for all."""
@@ -221,13 +226,74 @@ class Engine:
             self.booked -= len(h.prompt) + h.max_tokens
         if h.slot is not None:
             self.slots[h.slot] = None
-            self.mask[h.slot].zero_()
+            self._free(h.slot)
             self._state.pop(h.slot, None)
         self.stats["finished" if reason in ("stop", "length") else "aborted"] += 1
         h.emit(Event(finish_reason=reason, error=error))
 
+    # ------------------------------------------------------------------ cache operations (replayed under TP)
+    def _tell(self, op: str, *args) -> None:
+        if self.tp and self.leader:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([(op, args)], src=0)
+
+    def follow(self) -> None:
+        """Ranks > 0 of a tensor-parallel engine: replay rank 0's operations until it stops."""
+        import torch.distributed as dist
+
+        with torch.inference_mode():
+            while True:
+                box = [None]
+                dist.broadcast_object_list(box, src=0)
+                op, args = box[0]
+                if op == "stop":
+                    return
+                getattr(self, f"_{op}")(*args)
+
+    def _free(self, b: int) -> None:
+        self._tell("free", b)
+        self.mask[b].zero_()
+
+    def _reset(self, t: int) -> None:
+        self._tell("reset", t)
+        self.mask.zero_()
+        self.t = t
+
+    def _prefill(self, b: int, prompt: list[int]) -> torch.Tensor:
+        """The prompt of row b into slots [t - P, t); its last logits [1, V]."""
+        self._tell("prefill", b, prompt)
+        P = len(prompt)
+        self.mask[b].zero_()
+        self.mask[b, self.t - P:self.t] = 1
+        ids = torch.tensor([prompt], device=self.model.device)
+        return self.model(ids, attention_mask=self.mask[b:b + 1, :self.t], cache=_RowCache(self.cache, b, b + 1),
+                          cache_position=torch.arange(self.t - P, self.t, device=ids.device),
+                          logits_to_keep=1).logits[:, -1]
+
+    def _step(self, last: list[int]) -> torch.Tensor:
+        """One decode step of rows 0..n-1 (their last tokens); logits [n, V]."""
+        self._tell("step", last)
+        n = len(last)
+        ids = torch.tensor([[t] for t in last], device=self.model.device)
+        self.mask[:n, self.t] = 1
+        logits = self.model(ids, attention_mask=self.mask[:n, :self.t + 1], cache=_RowCache(self.cache, 0, n),
+                            cache_position=torch.tensor([self.t], device=ids.device), logits_to_keep=1).logits[:, -1]
+        self.t += 1
+        return logits
+
+    def _move(self, src: int, dst: int) -> None:
+        """Row src's used slots and mask into row dst."""
+        self._tell("move", src, dst)
+        lo = int(self.mask[src, :self.t].argmax())
+        for t in self.cache.k + self.cache.v:
+            t[dst, :, lo:self.t] = t[src, :, lo:self.t]
+        self.mask[dst] = self.mask[src]
+        self.mask[src].zero_()
+
     def _shift(self, d: int) -> None:
         """Move every row's used slots [lowest start, t) by d (right if > 0, left if < 0)."""
+        self._tell("shift", d)
         lo, hi = min(self._starts(), default=self.t), self.t
         for t in self.cache.k + self.cache.v:
             t[:, :, lo + d:hi + d] = t[:, :, lo:hi].clone()
@@ -245,24 +311,21 @@ class Engine:
             if not live or live[-1] < hole:
                 return
             src, dst = live[-1], hole
-            lo = int(self.mask[src, :self.t].argmax())
-            for t in self.cache.k + self.cache.v:
-                t[dst, :, lo:self.t] = t[src, :, lo:self.t]
-            self.mask[dst] = self.mask[src]
-            self.mask[src].zero_()
+            self._move(src, dst)
             h = self.slots[src]
             self.slots[dst], self.slots[src], h.slot = h, None, dst
             self._state[dst] = self._state.pop(src)
 
     def _starts(self) -> list[int]:
-        return [int(self.mask[b, :self.t].argmax()) for b, h in enumerate(self.slots) if h is not None]
+        """The first used slot of every row in use (read from the mask: the same on every rank)."""
+        used = self.mask[:, :self.t].any(-1).nonzero().flatten().tolist()
+        return [int(self.mask[b, :self.t].argmax()) for b in used]
 
     def _room(self, P: int) -> bool:
         """Make slots [t - P, t] available for a new prompt of P tokens, shifting rows if needed."""
         starts = self._starts()
         if not starts:
-            self.mask.zero_()
-            self.t = P
+            self._reset(P)
             return True
         if self.t + 1 > self.context:  # the clock is at the end: move everything left
             self._shift(-min(starts))
@@ -286,12 +349,8 @@ class Engine:
             self.waiting.get_nowait()
             b = self.slots.index(None)
             h.slot, self.slots[b] = b, h
-            self.mask[b].zero_()
-            self.mask[b, self.t - P:self.t] = 1
-            ids = torch.tensor([h.prompt], device=self.model.device)
-            logits = self.model(ids, attention_mask=self.mask[b:b + 1, :self.t], cache=_RowCache(self.cache, b, b + 1),
-                                cache_position=torch.arange(self.t - P, self.t, device=ids.device),
-                                logits_to_keep=1).logits[:, -1]
+            logits = self._prefill(b, h.prompt)
+            ids = torch.tensor([h.prompt], device=logits.device)
             self._state[b] = {"process": make_logits_processor(h.params, self.config.vocab_size),
                               "sample": make_sampler(h.params), "rng": make_generator(h.params.seed, ids.device),
                               "logits": logits, "tokens": ids}
@@ -340,13 +399,8 @@ class Engine:
         if self.t + 1 > self.context:
             self._shift(-min(self._starts()))
         self._compact()  # a row that finished while admitting left a hole
-        n = self.running  # rows 0..n-1 (compact)
-        ids = torch.tensor([[self.slots[b].generated[-1]] for b in range(n)], device=self.model.device)
-        live = list(range(n))
-        self.mask[:n, self.t] = 1
-        logits = self.model(ids, attention_mask=self.mask[:n, :self.t + 1], cache=_RowCache(self.cache, 0, n),
-                            cache_position=torch.tensor([self.t], device=ids.device), logits_to_keep=1).logits[:, -1]
-        self.t += 1
+        live = list(range(self.running))  # rows 0..n-1 (compact)
+        logits = self._step([self.slots[b].generated[-1] for b in live])
         self.stats["steps"] += 1
         for b in live:
             h = self.slots[b]

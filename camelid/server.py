@@ -525,8 +525,39 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
-          max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096) -> None:
-    """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT."""
+          max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
+          nproc: int = 1) -> None:
+    """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT.
+    nproc > 1: tensor parallel over that many processes; rank 0 serves, the others follow."""
+    options = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                   model_name=model_name, max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens,
+                   context=context)
+    if nproc > 1:
+        from .distributed import check_plan, launch
+        from .formats import checkpoint_config
+
+        if adapter is not None:
+            raise ValueError("--nproc serves a float model: merge the adapter first (camelid merge-lora)")
+        check_plan(checkpoint_config(model), nproc)
+        launch(_serve_rank, nproc, model, options, timeout=7 * 24 * 3600)
+        return
+    _serve(model, adapter=adapter, **options)
+
+
+def _serve_rank(rank, world, model, options):
+    from .distributed import load_tensor_parallel
+
+    llm = load_tensor_parallel(model)
+    if rank == 0:
+        _serve(model, llm=llm, **options)
+    else:
+        Engine(llm, max_batch=options["max_batch"], context=options["context"]).follow()  # rank 0's cache shapes
+
+
+def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
+           max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
+           max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
+           llm=None) -> None:
     import importlib.util
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
@@ -536,7 +567,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from .model import LlamaForCausalLM
     from .tokenizer import Tokenizer
 
-    llm = LlamaForCausalLM.from_pretrained(model, pack=adapter is None)
+    if llm is None:
+        llm = LlamaForCausalLM.from_pretrained(model, pack=adapter is None)
     if adapter is not None:
         from .lora import load_adapter, merge_and_unload
         from .packed import can_pack, pack

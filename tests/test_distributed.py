@@ -184,3 +184,45 @@ def test_sharded_loading_reads_only_the_shard(tmp_path):
     torch.testing.assert_close(got["logits"], expected, rtol=0, atol=1e-5)
     print(f"world 2: rank 0 read {got['read'] / whole:.2f}x and holds {got['bytes'] / whole:.2f}x of the weight bytes")
     assert 0.4 * whole < got["read"] < 0.55 * whole and got["bytes"] < 0.55 * whole
+
+
+@pytest.mark.slow
+def test_serve_with_nproc_answers_like_one_process_and_stops_on_sigterm(tmp_path, smollm2_tokenizer):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "camelid.cli", "serve", "--nproc", "2", "--model", str(tmp_path / "m"),
+                             "--port", str(port), "--served-model-name", "m", "--context", "256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+            time.sleep(0.3)
+        for prompt in ["Hello there", "1, 2, 3,"]:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                           json={"model": "m", "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+            ids = tok.encode(prompt)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=8, eos_token_id=tok.eos_token_ids)
+            assert r["choices"][0]["text"] == tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
