@@ -3,7 +3,6 @@ and greedy generation equal the single-process model for MHA, GQA and fewer KV h
 per-rank weight bytes shrink; impossible splits fail before any weight moves."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.distributed import TPError, check_plan, head_plan, resident_weight_bytes, tensor_parallel
+from netutil import free_port, wait_until_up
 
 CONFIGS = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
@@ -30,12 +30,6 @@ def build(kind: str) -> LlamaForCausalLM:
 
 
 IDS = torch.tensor([[5, 17, 99, 3, 64, 12, 7], [1, 2, 3, 4, 5, 6, 8]])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, kind, out):
@@ -191,7 +185,6 @@ def test_serve_with_nproc_answers_like_one_process_and_stops_on_sigterm(tmp_path
     import signal
     import subprocess
     import sys
-    import time
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
@@ -206,15 +199,7 @@ def test_serve_with_nproc_answers_like_one_process_and_stops_on_sigterm(tmp_path
                              "--port", str(port), "--served-model-name", "m", "--context", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
-            time.sleep(0.3)
+        wait_until_up(port, proc)
         for prompt in ["Hello there", "1, 2, 3,"]:
             r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                            json={"model": "m", "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()

@@ -5,7 +5,6 @@ usage, stop, seed, limits, disconnects, shutdown, and every bad request a clear 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,14 +20,9 @@ pytest.importorskip("fastapi")
 
 from camelid import LlamaForCausalLM  # noqa: E402
 from camelid.server import create_app  # noqa: E402
+from netutil import free_port, wait_until_up  # noqa: E402
 
 KEY = "sk-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -251,15 +245,7 @@ def test_sigterm_with_streams_in_flight_ends_cleanly(smollm2_gguf, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "CAMELID_API_KEY": ""})
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not come up"
-            time.sleep(0.2)
+        wait_until_up(port, proc)
         done = []
 
         def stream():
