@@ -12,15 +12,32 @@ import torch
 from .config import LlamaConfig
 
 
+def per_layer(device, num_layers: int) -> list:
+    """One device for every layer, or a list with one per layer (a model placed with device_map)."""
+    if isinstance(device, (list, tuple)):
+        if len(device) != num_layers:
+            raise ValueError(f"got {len(device)} cache devices for {num_layers} layers")
+        return list(device)
+    return [device] * num_layers
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device of each decoder layer: where its KV cache must live."""
+    return [layer.input_layernorm.weight.device for layer in model.model.layers]
+
+
 class KVCache:
+    """device: one device, or one per layer (cache.layer_devices(model) for a device-mapped model)."""
+
     def __init__(self, config: LlamaConfig, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         if batch_size <= 0 or max_seq_len <= 0:
             raise ValueError(f"KVCache needs a positive batch_size and max_seq_len, got "
                              f"{batch_size} and {max_seq_len}")
         shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)  # (B, Hkv, S, D)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        devices = per_layer(device, config.num_hidden_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -49,8 +66,9 @@ class Int8KVCache(KVCache):
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__(config, batch_size, max_seq_len, torch.int8, device)
         scale_shape = (batch_size, config.num_key_value_heads, max_seq_len, 1)
-        self.k_scale = [torch.ones(scale_shape, device=device) for _ in range(config.num_hidden_layers)]
-        self.v_scale = [torch.ones(scale_shape, device=device) for _ in range(config.num_hidden_layers)]
+        devices = per_layer(device, config.num_hidden_layers)
+        self.k_scale = [torch.ones(scale_shape, device=d) for d in devices]
+        self.v_scale = [torch.ones(scale_shape, device=d) for d in devices]
         self.dtype = dtype
 
     @staticmethod

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, layer_devices
 from .sampling import SamplingParams, logprobs as token_logprobs, make_generator, make_logits_processor, make_sampler
 
 
@@ -100,7 +100,7 @@ class Engine:
         self.max_total_tokens = max_total_tokens  # prompt + max_tokens over every admitted request
         self.booked = 0  # that sum now
         self._lock = threading.Lock()
-        self.cache = KVCache(self.config, max_batch, self.context, dtype=model.dtype, device=model.device)
+        self.cache = KVCache(self.config, max_batch, self.context, dtype=model.dtype, device=layer_devices(model))
         self.mask = torch.zeros(max_batch, self.context, dtype=torch.long, device=model.device)
         self.slots: list[Handle | None] = [None] * max_batch
         self.t = 0

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .cache import make_cache
+from .cache import layer_devices, make_cache
 from .sampling import SamplingParams, make_generator, make_logits_processor, make_sampler
 from .sampling import logprobs as chosen_logprob
 
@@ -90,7 +90,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     n_prompt = mask.sum(-1)
 
     decode = compiled_decoder(model) if compile else model
-    cache = make_cache(cache_dtype, config, B, T0 + budget, dtype=model.dtype, device=device)
+    cache = make_cache(cache_dtype, config, B, T0 + budget, dtype=model.dtype, device=layer_devices(model))
     logits = model(input_ids, attention_mask=mask, cache=cache, cache_position=torch.arange(T0, device=device),
                    logits_to_keep=1).logits[:, -1]
     tokens = input_ids

@@ -15,7 +15,8 @@ from .hf import load_hf, save_pretrained
 
 def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None,
                     attn_implementation: str = "sdpa", pack: bool | None = None, load_in_8bit: bool = False,
-                    load_in_4bit: bool = False, bnb_4bit_quant_type: str = "int4", group_size: int | None = None):
+                    load_in_4bit: bool = False, bnb_4bit_quant_type: str = "int4", group_size: int | None = None,
+                    device_map=None, max_memory=None):
     """Load a model, choosing the format from what is there.
 
     name_or_path: a HF folder, a .gguf file (or a folder holding one), a packaged model name
@@ -29,11 +30,16 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
     bnb_4bit_quant_type gives NormalFloat4). A GGUF with Q4_0/Q4_1/Q8_0 tensors loads straight into
     int4/int8 with load_in_4bit (no float copy). A checkpoint saved quantized (save_pretrained of a
     quantized model) loads quantized, without these flags.
+    device_map / max_memory (transformers' names): place the model over several devices, whole
+    layers each: "auto" (spread over the GPUs, then the CPU), "sequential", a device, or a dict
+    {"model.layers.0": 0, ..., "lm_head": "cpu"}; max_memory {0: "20GiB", "cpu": "64GiB"} caps each
+    device. Checked against the config before any weight is read (camelid/placement.py).
     """
     from ..fuse import fuse
     from ..hub import DEFAULT_MODEL, resolve
     from ..quantize import is_quantized_checkpoint, load_gguf_quantized, load_quantized, quantize
     from .gguf import is_gguf
+    from ..placement import dispatch, placer
 
     if dtype is not None and torch_dtype is not None and DTYPES.get(dtype, dtype) != DTYPES.get(torch_dtype,
                                                                                                torch_dtype):
@@ -52,6 +58,12 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
         if load_in_8bit or load_in_4bit:
             raise ValueError(f"{path} is already quantized: load it without load_in_8bit / load_in_4bit")
         return fuse(load_quantized(path, device=device, attn_implementation=attn_implementation))
+    plan = None
+    if device_map is not None:
+        plan = _placement(path, dtype, device, device_map, max_memory, load_in_8bit or load_in_4bit)
+        kwargs["device"] = placer(plan)
+    elif max_memory is not None:
+        raise ValueError("max_memory applies with device_map ('auto', 'balanced' or 'sequential')")
     gguf = _gguf_path(path) if load_in_4bit and bnb_4bit_quant_type == "int4" and group_size in (None, 32) else None
     if gguf is not None and is_gguf(gguf):
         model = load_gguf_quantized(gguf, **kwargs)  # Q4/Q8 blocks map to int4 g32 / int8 as they are
@@ -59,6 +71,10 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
             return fuse(model)
         # other block types (F16, Q8_0, K-quants) stay float or int8 there: quantize from floats below
     model = _load(path, kwargs)
+    if plan is not None:
+        dispatch(model, plan)
+        if len(set(plan.values())) > 1 or next(iter(plan.values())).type != "cpu":
+            return model  # packing is for a model wholly on the CPU
     if load_in_8bit or load_in_4bit:
         fmt = "int8" if load_in_8bit else bnb_4bit_quant_type
         return fuse(quantize(model, bits=8 if load_in_8bit else 4, group_size=group_size, format=fmt))
@@ -69,6 +85,22 @@ def load_pretrained(name_or_path=None, dtype=None, device=None, torch_dtype=None
             raise ValueError("pack=True needs a CPU model in float32 or bfloat16 and a torch built with oneDNN")
         pack_model(model)
     return model
+
+
+def _placement(path, dtype, device, device_map, max_memory, quantized):
+    """The unit -> device plan, from the checkpoint's config on the meta device (no weight read)."""
+    from ..placement import plan_device_map
+    from ..quantize import is_quantized_checkpoint
+    from .common import empty_model, resolve_dtype
+
+    if device is not None:
+        raise ValueError(f"pass device or device_map, not both (device={device!r})")
+    if quantized or (path.is_dir() and is_quantized_checkpoint(path)):
+        raise ValueError("device_map places float weights; quantized weights (load_in_8bit / load_in_4bit, "
+                         "a quantized checkpoint) load on one device")
+    config = checkpoint_config(path)
+    meta, _ = empty_model(config)
+    return plan_device_map(meta.to(resolve_dtype(dtype, config)), device_map, max_memory)
 
 
 def _gguf_path(path):

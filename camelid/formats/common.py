@@ -36,6 +36,15 @@ def resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
     return dtype
 
 
+def device_of(device):
+    """tensor name -> torch.device: one device for all (None: the CPU), or a per-name function
+    (camelid.placement.placer, for device_map)."""
+    if callable(device):
+        return device
+    d = torch.device(device or "cpu")
+    return lambda name: d
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

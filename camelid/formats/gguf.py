@@ -25,7 +25,7 @@ from gguf.quants import dequantize
 
 from ..config import LlamaConfig
 from ..model import LlamaForCausalLM
-from .common import assign, check_names_and_shapes, column_major, empty_model, finish, resolve_dtype
+from .common import assign, check_names_and_shapes, column_major, device_of, empty_model, finish, resolve_dtype
 from .gguf_file import GGUFError, GGUFFile
 
 # One mapping table: GGUF tensor name -> HF name ({i} = layer index).
@@ -182,7 +182,7 @@ def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa") 
         model, expected = empty_model(config)
         found = {hf_name(n): t.shape for n, t in g.tensors.items() if n not in IGNORED}
         check_names_and_shapes(g.path, expected, found, against="its metadata")
-        device = torch.device(device or "cpu")
+        where = device_of(device)
         H, Hkv = config.num_attention_heads, config.num_key_value_heads
         for name, t in g.tensors.items():
             if name in IGNORED:
@@ -192,7 +192,7 @@ def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa") 
                 w = unpermute_from_gguf(w, H)
             elif ".attn_k." in name:
                 w = unpermute_from_gguf(w, Hkv)
-            assign(model, hf_name(name), column_major(w.to(device=device, dtype=dtype)))  # decode-friendly layout
+            assign(model, hf_name(name), column_major(w.to(device=where(hf_name(name)), dtype=dtype)))  # decode-friendly layout
         model.gguf_metadata = {k: v for k, v in g.fields.items() if not k.startswith("tokenizer.ggml.")}
         return finish(model, dtype, attn_implementation)
     finally:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ..config import LlamaConfig, fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
 from ..model import LlamaForCausalLM
-from .common import (CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model,
+from .common import (CheckpointError, assign, check_names_and_shapes, device_of, dtype_name, empty_model,
                      finish, list_names, load_torch_state, resolve_dtype)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -133,11 +133,11 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
         location.pop("lm_head.weight"), shapes.pop("lm_head.weight")
     check_names_and_shapes(directory, expected, shapes)
 
-    device = torch.device(device or "cpu")
+    where = device_of(device)
     for file in sorted(set(location.values())):
         for name, tensor in _read_file(file).items():
             if name in expected:
-                assign(model, name, tensor.to(device=device, dtype=dtype))
+                assign(model, name, tensor.to(device=where(name), dtype=dtype))
     return finish(model, dtype, attn_implementation)
 
 

@@ -41,8 +41,8 @@ import torch
 
 from ..config import ConfigError, LlamaConfig
 from ..model import LlamaForCausalLM
-from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, dtype_name, empty_model, finish,
-                     list_names, load_torch_state, natural_key, resolve_dtype)
+from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, device_of, dtype_name, empty_model,
+                     finish, list_names, load_torch_state, natural_key, resolve_dtype)
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -387,7 +387,7 @@ def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sd
     expected = {meta_name(k): v for k, v in expected_hf.items()}
     check_names_and_shapes(directory, expected, shapes, against=f"its {PARAMS}")  # in Meta's names
 
-    device = torch.device(device or "cpu")
+    where = device_of(device)
     heads = {"wq": config.num_attention_heads, "wk": config.num_key_value_heads}
     for name in sorted(shapes, key=natural_key):  # one tensor at a time: joined, converted, assigned
         pieces = [s[name] for s in states]
@@ -399,7 +399,7 @@ def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sd
             w = pieces[0]
         else:
             w = torch.cat(pieces, dim=join[name])
-        w = w.to(device=device, dtype=dtype)
+        w = w.to(device=where(hf_name(name)), dtype=dtype)
         kind = name.rsplit(".", 2)[-2]
         if name.startswith("layers.") and kind in heads:
             w = meta_to_hf_rows(w, heads[kind])
