@@ -8,8 +8,11 @@
   camelid bench [--model M]                time to first token, prefill and decode tok/s, peak RSS
   camelid quantize SRC DST --bits 4|8      weight-only int8 / int4 / nf4 checkpoint that reloads quantized
   camelid perplexity MODEL TEXT_FILE       sliding-window perplexity; --kl-reference M for KL divergence
+  camelid compare A B [--prompt P ...]     per-layer divergence, logits, top-1, KL; where A and B first differ
+  camelid eval MODEL --tasks T1,T2         lm-evaluation-harness tasks (--include-path DIR for your own)
   camelid finetune --data D.jsonl --out DIR LoRA (default), QLoRA (--qlora) or full (--full) fine-tuning
   camelid merge-lora BASE ADAPTER OUT      fold an adapter into its base: HF folder or --to gguf
+  camelid export MODEL OUT --format onnx   prefill/decode graph with the KV cache as inputs: ONNX or .pt2
   camelid serve [--model M] [--port 8000]  OpenAI-compatible HTTP server with continuous batching
 """
 
@@ -160,13 +163,18 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
-    from .model import LlamaForCausalLM
     from .tokenizer import Tokenizer
+
+    return _load_model(args), Tokenizer.from_pretrained(args.model)
+
+
+def _load_model(args):
+    """args.model with args.dtype, the quantization flags and args.adapter (if any)."""
+    from .model import LlamaForCausalLM
 
     adapter = getattr(args, "adapter", None)
     if adapter is None:
-        model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, **_quantization(args))
-        return model, Tokenizer.from_pretrained(args.model)
+        return LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, **_quantization(args))
     from .lora import load_adapter, merge_and_unload, read_adapter_config
     from .packed import can_pack, pack
     from .quantize import is_quantized
@@ -178,7 +186,7 @@ def _load(args):
         merge_and_unload(model)
         if can_pack(model):
             pack(model)
-    return model, Tokenizer.from_pretrained(args.model)
+    return model
 
 
 def _quantization_args(p) -> None:
@@ -364,6 +372,73 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .compare import compare
+    from .tokenizer import Tokenizer
+
+    for i, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise ValueError(f"--prompt number {i + 1} is empty")
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path}: no such file")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompts-file {path} holds no prompt (one per line; blank lines are skipped)")
+        prompts += lines
+    prompts = prompts or CONVERT_PROMPTS
+    if args.threshold < 0:
+        raise ValueError(f"--threshold must be >= 0, got {args.threshold}")
+    models = {side: _load_model(argparse.Namespace(
+        model=getattr(args, side), dtype=getattr(args, f"dtype_{side}"), adapter=getattr(args, f"adapter_{side}"),
+        load_in_8bit=getattr(args, f"load_in_8bit_{side}"), load_in_4bit=getattr(args, f"load_in_4bit_{side}")))
+        for side in ("a", "b")}
+    tokenizer = None
+    for name in (args.a, args.b):  # A's tokenizer, else B's (a quantized folder may have none)
+        try:
+            tokenizer = Tokenizer.from_pretrained(name)
+            break
+        except FileNotFoundError:
+            continue
+    if tokenizer is None:
+        raise FileNotFoundError(f"neither {args.a} nor {args.b} has a tokenizer to encode the prompts")
+    rows = [tokenizer.encode(p) for p in prompts]
+    if not all(rows):
+        raise ValueError(f"prompt {prompts[rows.index([])]!r} encodes to no tokens")
+    T = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])  # left-padded, (B, T)
+    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    c = compare(models["a"], models["b"], input_ids, attention_mask)
+    if args.json:
+        print(json.dumps({"a": args.a, "b": args.b, "prompts": len(prompts),
+                          **c.to_dict(args.threshold, args.metric)}))
+        return 0
+    for side in ("a", "b"):
+        m = models[side]
+        print(f"{side}: {getattr(args, side)} ({_weights_kind(m)} linears, {m.dtype})")
+    print(f"{len(prompts)} prompts, {c.tokens} tokens\n{c.table(args.threshold, args.metric)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    try:
+        from .evaluation import evaluate, report
+    except ImportError as e:
+        raise RuntimeError(f"camelid eval needs lm-evaluation-harness: pip install 'camelid[eval]' ({e})") from None
+    results = evaluate(args.model, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                       limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, dtype=args.dtype,
+                       **_quantization(args))
+    print(report(results, args.output))
+    return 0
+
+
 def cmd_finetune(args) -> int:
     import json
 
@@ -383,7 +458,8 @@ def cmd_finetune(args) -> int:
         progress=not args.no_progress)
     if args.full and args.qlora:
         raise ValueError("--qlora trains a LoRA adapter on a 4-bit base; it cannot be combined with --full")
-    result = finetune(args.model, args.data, args.out, qlora=args.qlora, resume=args.resume, dtype=args.dtype, **options)
+    result = finetune(args.model, args.data, args.out, qlora=args.qlora, resume=args.resume, dtype=args.dtype,
+                      nproc=args.nproc, **options)
     print(json.dumps(result))
     return 0
 
@@ -393,6 +469,16 @@ def cmd_merge_lora(args) -> int:
 
     out = merge_lora(args.base, args.adapter, args.out, to=args.to, dtype=args.dtype, gguf_dtype=args.gguf_type)
     print(f"{args.base} + {args.adapter} -> {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import check_output, export
+    from .formats import load_pretrained
+
+    check_output(args.out, args.format)  # before loading the model
+    model = load_pretrained(args.model, pack=False)  # plain nn.Linear weights: what exporters trace
+    print(f"{args.model} -> {export(model, args.out, format=args.format)} ({args.format})")
     return 0
 
 
@@ -427,6 +513,8 @@ def _finetune_args(p) -> None:
                    help="comma-separated layer names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) "
                         "or all-linear (default)")
     g.add_argument("--dtype", default=None, help="weights' dtype (default float32; bf16 autocast is --bf16)")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="FSDP over N processes (gloo on CPU, NCCL with a GPU each); batch-size must divide by N")
     g = p.add_argument_group("data")
     g.add_argument("--max-seq-len", type=int, default=512)
     g.add_argument("--packing", action="store_true", help="pack examples into rows (no attention across them)")
@@ -521,6 +609,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report the KL divergence from this model's distributions, and top-1 agreement")
     p.set_defaults(func=cmd_perplexity)
 
+    p = sub.add_parser("compare", help="per-layer divergence, logits, top-1 agreement and KL of two models")
+    p.add_argument("a", help="the reference model: name or path")
+    p.add_argument("b", help="the model compared with it (the same checkpoint with other options, or another)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: three fixed ones)")
+    p.add_argument("--prompts-file", default=None, help="more prompts, one per line")
+    for side in ("a", "b"):
+        p.add_argument(f"--dtype-{side}", default=None, help=f"{side.upper()}'s dtype (default float32)")
+        p.add_argument(f"--load-in-8bit-{side}", action="store_true", help=f"{side.upper()} in int8")
+        p.add_argument(f"--load-in-4bit-{side}", action="store_true", help=f"{side.upper()} in int4 g32")
+        p.add_argument(f"--adapter-{side}", default=None, help=f"a LoRA adapter on {side.upper()}")
+    p.add_argument("--threshold", type=float, default=1e-4, help="name the first state diverging by more (default 1e-4)")
+    p.add_argument("--metric", choices=["rel_l2", "max_abs", "mean_abs", "cosine"], default="rel_l2",
+                   help="divergence the threshold applies to (cosine: 1 - cosine similarity; default rel_l2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks scored by camelid (accuracy, exact match, perplexity)")
+    p.add_argument("model", help="model name or path")
+    p.add_argument("--tasks", required=True, help="comma-separated task names: the harness's, or --include-path's")
+    p.add_argument("--include-path", default=None, help="a folder of task YAML files of your own")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a count, or a fraction below 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests scored or generated together")
+    p.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
+    _quantization_args(p)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("finetune", help="LoRA / QLoRA / full fine-tuning on a JSONL dataset, with checkpoints")
     _finetune_args(p)
     p.set_defaults(func=cmd_finetune)
@@ -533,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="dtype of the merged weights (default float32)")
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", help="tensor type with --to gguf")
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("export", help="write the model as a static graph (KV cache as inputs/outputs): ONNX or .pt2")
+    p.add_argument("model", help="model name or path")
+    p.add_argument("out", help="output file: .onnx (--format onnx) or .pt2 (--format torch-export)")
+    p.add_argument("--format", default="onnx", help="onnx (default) | torch-export")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
     p.add_argument("--model", default=None, help="model name or path (default: smollm2-135m-instruct)")

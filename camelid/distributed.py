@@ -312,10 +312,10 @@ def launch(fn, nproc: int, *args, timeout: float = 1800) -> None:
         while not ctx.join():
             pass
     except mp.ProcessRaisedException as e:  # the failing rank's traceback is in the message
-        raise RuntimeError(f"a tensor-parallel rank failed:\n{e}") from None
+        raise RuntimeError(f"a rank failed:\n{e}") from None
     except mp.ProcessExitedException as e:
         if not (forwarded and e.error_index == 0 and e.exit_code == -forwarded[0]):
-            raise RuntimeError(f"a tensor-parallel rank exited: {e}") from None
+            raise RuntimeError(f"a rank exited: {e}") from None
         # rank 0 stopped on the signal it was passed (uvicorn re-raises it after a clean
         # shutdown); the others were told to stop and finish on their own
         for p in ctx.processes[1:]:

@@ -61,6 +61,12 @@ class LoRALinear(nn.Module):
         self.register_load_state_dict_pre_hook(_base_keys)
 
     @property
+    def weight(self):
+        """The base's weight: the state dict names it q_proj.weight, and torch.distributed.checkpoint
+        finds a state-dict key by walking attributes."""
+        return self.base.weight
+
+    @property
     def bias(self):
         return self.base.bias
 

@@ -70,6 +70,12 @@ class Divergence:
         return self.same_top / self.model.tokens
 
 
+def kl_per_position(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) in nats at each position: sum over the vocabulary (last axis) of
+    p_ref * (log p_ref - log p), from log-probabilities [..., V]."""
+    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+
+
 @torch.inference_mode()
 def kl_divergence(model, reference, ids, context: int = 512, stride: int | None = None) -> Divergence:
     """Mean KL divergence of `model`'s next-token distribution from `reference`'s, top-1 agreement,
@@ -83,7 +89,7 @@ def kl_divergence(model, reference, ids, context: int = 512, stride: int | None 
         first, targets = start - begin - 1, ids[start:end]
         logp = model(ids[begin:end][None].to(model.device)).logits[0, first:-1].float().log_softmax(-1).cpu()
         ref = reference(ids[begin:end][None].to(reference.device)).logits[0, first:-1].float().log_softmax(-1).cpu()
-        kl += float((ref.exp() * (ref - logp)).sum())
+        kl += float(kl_per_position(ref, logp).sum())
         same += int((ref.argmax(-1) == logp.argmax(-1)).sum())
         nll -= float(logp.gather(-1, targets[:, None]).sum())
         ref_nll -= float(ref.gather(-1, targets[:, None]).sum())

@@ -5,6 +5,12 @@
     trainer.train(resume_from_checkpoint="latest")  # or a checkpoint folder, or None
     finetune(model="smollm2-135m-instruct", data="train.jsonl", out="run/", lora_r=8)  # all of the above
 
+Run in a process group of several ranks (camelid finetune --nproc N, torchrun), the model is
+sharded with FSDP2 (camelid/fsdp.py) and each rank takes batch_size / world rows of every
+micro-batch: the step's data, loss and update are those of one process, with 1/world of the
+weights, gradients and optimizer state per rank; checkpoints are DCP folders that load at any
+world size.
+
 One optimizer step = gradient_accumulation_steps micro-batches of batch_size rows. The loss is
 the mean over every learned token of the step (not a mean of micro-batch means, which would
 weight short batches more). Before each optimizer step the loss and gradient norm are checked:
@@ -19,6 +25,7 @@ epoch's order, base fingerprint, LoRA settings). The data order of each epoch is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoints
+from . import checkpoints, fsdp
 from .accounting import flops
 from .data import IGNORE, OVERLONG, collate, epoch_order, load_examples, rows
 from .lora import apply_lora, lora_layers, load_adapter, save_adapter
@@ -172,12 +179,20 @@ class Trainer:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.out = Path(config.out)
         self.device = model.device
+        self.rank, self.world = fsdp.rank_world()
+        if self.world > 1 and config.batch_size % self.world:
+            raise ValueError(f"TrainConfig.batch_size {config.batch_size} must be a multiple of the world size "
+                             f"{self.world}: each rank takes batch_size / world rows of every micro-batch")
+        if self.world > 1 and is_quantized(model):
+            raise ValueError("FSDP shards float weights: QLoRA (a quantized base) runs in one process")
         # The data is read and checked before anything else: a bad file stops the run at once.
         self.train_examples, self.data_stats = load_examples(config.data, tokenizer, config.max_seq_len, config.overlong)
         self.eval_examples = (load_examples(config.eval_data, tokenizer, config.max_seq_len, config.overlong)[0]
                               if config.eval_data else None)
         self.train_rows = rows(self.train_examples, config.max_seq_len, pack=config.packing)
         self.base_fingerprint = fingerprint(model)  # before adapters exist
+        torch.manual_seed(config.seed)  # as transformers' Trainer: the seed fixes LoRA's initial A (the
+        random.seed(config.seed)        # same on every rank, which FSDP needs) and the dropout stream
         if config.lora_r is None:
             if is_quantized(model):
                 raise ValueError("full fine-tuning needs a float model; a quantized base takes LoRA (QLoRA): set lora_r")
@@ -190,6 +205,10 @@ class Trainer:
                        target_modules=config.target_modules, use_rslora=config.use_rslora)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.template = None
+        if self.world > 1:
+            self.template = fsdp.meta_copy(model)  # the plain shape, to save gathered weights in
+            fsdp.shard_model(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
@@ -238,16 +257,21 @@ class Trainer:
         t0 = time.perf_counter()
         total = 0.0
         for b in micro:
+            if self.world > 1:  # this rank's rows; FSDP averages the ranks' gradients, so scale by world
+                b = {k: v[self.rank::self.world] for k, v in b.items()}
             loss = self._loss_sum(b) / max(n_learn, 1)
-            loss.backward()
+            (loss * self.world).backward()
             total += float(loss.detach())
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        finite = math.isfinite(total) and bool(torch.isfinite(norm))
+        if self.world > 1:
+            total = fsdp.all_sum(total, self.device if self.device.type == "cuda" else None)
+        norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(
+            self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+        finite = math.isfinite(total) and math.isfinite(norm)
         lr = self.scheduler.get_last_lr()[0]
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.nonfinite == "stop":
-                raise NonFiniteError(f"step {self.step + 1}: loss {total} / gradient norm {float(norm)} is not finite; "
+                raise NonFiniteError(f"step {self.step + 1}: loss {total} / gradient norm {norm} is not finite; "
                                      f"stopped before the optimizer step (the weights and checkpoints are untouched)")
             self.skipped += 1
         else:
@@ -264,8 +288,8 @@ class Trainer:
         if self._peak is None:
             self._peak = peak_matmul_flops(self.device, torch.bfloat16 if cfg.bf16 else torch.float32)
         return {"step": self.step, "epoch": round(self.epoch + self.position / max(1, len(self.train_rows)), 4),
-                "loss": total, "grad_norm": float(norm), "lr": lr, "tokens": tokens,
-                "tokens_per_s": tokens / dt, "mfu": model_flops / dt / self._peak, "skipped": not finite}
+                "loss": total, "grad_norm": norm, "lr": lr, "tokens": tokens,
+                "tokens_per_s": tokens / dt, "mfu": model_flops / dt / (self._peak * self.world), "skipped": not finite}
 
     @torch.no_grad()
     def evaluate(self, examples=None) -> float:
@@ -289,8 +313,11 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoints.cleanup(self.out)  # temp folders of a save that was killed
+        lead = self.rank == 0  # one rank writes logs and metrics; every rank trains
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoints.cleanup(self.out)  # temp folders of a save that was killed
+        self._barrier()
         if resume_from_checkpoint == "latest":
             resume_from_checkpoint = checkpoints.latest(self.out)
         elif resume_from_checkpoint is None and checkpoints.latest(self.out) is not None and self.step == 0:
@@ -300,27 +327,30 @@ class Trainer:
         if resume_from_checkpoint is not None:
             self.load_checkpoint(resume_from_checkpoint)
         metrics_path = self.out / "metrics.jsonl"
-        self._truncate_metrics(metrics_path)
-        writer = self._tensorboard()
+        if lead:
+            self._truncate_metrics(metrics_path)
+        writer = self._tensorboard() if lead else None
         t_start, last = time.perf_counter(), {}
-        if cfg.progress:
+        if cfg.progress and lead:
             from .lora import print_trainable_parameters
 
             print_trainable_parameters(self.model)
             print(f"{self.data_stats['examples']} examples ({self.data_stats['tokens']} tokens, "
                   f"{self.data_stats['truncated']} truncated, {self.data_stats['dropped']} dropped) in "
                   f"{len(self.train_rows)} rows; {self.total_steps} steps")
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train", unit="step")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and lead), desc="train",
+                   unit="step")
         try:
-            with open(metrics_path, "a", encoding="utf-8") as metrics:
+            with open(metrics_path, "a", encoding="utf-8") if lead else contextlib.nullcontext() as metrics:
                 while self.step < self.total_steps:
                     last = self.train_step()
                     if cfg.eval_steps and self.eval_examples and self.step % cfg.eval_steps == 0:
                         last["eval_loss"] = self.evaluate()
                     if self.step % cfg.logging_steps == 0 or "eval_loss" in last or self.step == self.total_steps:
                         self.history.append(last)
-                        metrics.write(json.dumps(last) + "\n")
-                        metrics.flush()
+                        if lead:
+                            metrics.write(json.dumps(last) + "\n")
+                            metrics.flush()
                         if writer is not None:
                             for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "eval_loss"):
                                 if k in last:
@@ -370,23 +400,63 @@ class Trainer:
                 "history": self.history[-100:]}
 
     def save_checkpoint(self) -> Path:
-        with checkpoints.writing(self.out, self.step) as tmp:
-            if self.config.lora_r is None:
+        """One process: the weights (HF folder) or adapter (peft layout) and optimizer.pt. Several
+        ranks (FSDP): one DCP folder, sharded/, that every rank writes its part of."""
+        with self._writing() as tmp:
+            if self.world > 1:
+                fsdp.save_sharded(self.model, self.optimizer, tmp / fsdp.SHARDED, trainable_only=self.config.lora_r is not None)
+            elif self.config.lora_r is None:
                 self.model.save_pretrained(tmp)
             else:
                 save_adapter(self.model, tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-            torch.save(rng, tmp / "rng.pt")
-            version, internal, gauss = random.getstate()
-            state = dict(self._state(), python_rng=[version, list(internal), gauss])
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
+            torch.save(rng, tmp / ("rng.pt" if self.world == 1 else f"rng-{self.rank}.pt"))
+            if self.rank == 0:
+                if self.world == 1:
+                    torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                version, internal, gauss = random.getstate()
+                state = dict(self._state(), world_size=self.world, python_rng=[version, list(internal), gauss])
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
         saved = checkpoints.checkpoint_dir(self.out, self.step)
-        checkpoints.rotate(self.out, self.config.save_total_limit, keep_also=saved)
+        if self.rank == 0:
+            checkpoints.rotate(self.out, self.config.save_total_limit, keep_also=saved)
+        self._barrier()
         return saved
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """checkpoints.writing on rank 0; the other ranks write into the same temp folder, and it is
+        renamed into place only after every rank has finished."""
+        if self.world == 1:
+            with checkpoints.writing(self.out, self.step) as tmp:
+                yield tmp
+            return
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            with checkpoints.writing(self.out, self.step) as tmp:
+                dist.broadcast_object_list([str(tmp)], src=0)
+                yield tmp
+                dist.barrier()
+        else:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            yield Path(box[0])
+            dist.barrier()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def unsharded(self):
+        """The trained model as a plain module: itself in one process; under FSDP a gathered CPU
+        copy on rank 0 and None on the others (every rank must call this)."""
+        return self.model if self.world == 1 else fsdp.gather_full(self.model, self.template)
 
     def load_checkpoint(self, directory) -> None:
         """Restore weights/adapter, optimizer, scheduler, RNG and data position; refuse a checkpoint
@@ -408,18 +478,27 @@ class Trainer:
                     if state["lora"].get(k) != mine[k]}
             if diff:
                 raise ResumeError(f"{directory}: LoRA settings differ from this run (checkpoint, run): {diff}")
-        with torch.no_grad():
-            if mine is None:
-                from .formats.hf import load_hf
+        sharded = directory / fsdp.SHARDED
+        if self.world > 1 and not sharded.is_dir():
+            raise ResumeError(f"{directory} was saved by one process; a run over {self.world} ranks resumes from "
+                              f"the sharded (DCP) checkpoints that FSDP runs write")
+        if sharded.is_dir():  # written by FSDP at any world size; resharded to this one as it is read
+            fsdp.load_sharded(self.model, self.optimizer, sharded, trainable_only=mine is not None)
+        else:
+            with torch.no_grad():
+                if mine is None:
+                    from .formats.hf import load_hf
 
-                loaded = load_hf(directory, dtype=self.model.dtype, device=self.device)
-                self.model.load_state_dict(loaded.state_dict())
-            else:
-                fresh = {n: m for n, m in lora_layers(self.model).items()}
-                self._copy_adapter(directory, fresh)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+                    loaded = load_hf(directory, dtype=self.model.dtype, device=self.device)
+                    self.model.load_state_dict(loaded.state_dict())
+                else:
+                    self._copy_adapter(directory, lora_layers(self.model))
+            self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-        rng = torch.load(directory / "rng.pt", weights_only=True)
+        # this rank's RNG when the world size is the same; rank 0's otherwise (dropout masks then differ)
+        rng_file = next(f for f in (directory / "rng.pt", directory / f"rng-{self.rank}.pt", directory / "rng-0.pt")
+                        if f.is_file())
+        rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda:"))]
         if cuda and torch.cuda.is_available():
@@ -446,33 +525,67 @@ class Trainer:
 # ---------------------------------------------------------------------- one call
 
 def finetune(model=None, data=None, out="out", tokenizer=None, qlora: bool = False, resume=None,
-             dtype=None, **options) -> dict:
+             dtype=None, nproc: int = 1, **options) -> dict:
     """Load `model` (a path or name; the default model when None), fine-tune on `data` (JSONL) and
     write out/checkpoint-*/ and out/final/ (the adapter in peft's layout, or a full HF folder with
-    the tokenizer). qlora: the base is quantized to NF4 and frozen. Options: TrainConfig's fields."""
+    the tokenizer). qlora: the base is quantized to NF4 and frozen. nproc > 1: FSDP over that many
+    processes (gloo on CPU, NCCL with a GPU each), launched here. Options: TrainConfig's fields."""
     from .model import LlamaForCausalLM
     from .tokenizer import Tokenizer
 
-    config = TrainConfig(data=data, out=str(out), **options)
+    config = TrainConfig(data=data, out=str(out), **options)  # a bad option fails before anything starts
     by_name = isinstance(model, (str, Path)) or model is None
+    if nproc > 1:
+        return _finetune_launched(model, data, out, qlora, resume, dtype, nproc, by_name, options)
     if tokenizer is None and not by_name:
         raise ValueError("pass tokenizer= along with a model object (a name or path brings its own)")
     tokenizer = tokenizer or Tokenizer.from_pretrained(model)
     if by_name:
         if qlora and config.lora_r is None:
             raise ValueError("qlora trains a LoRA adapter: set lora_r")
+        rank, world = fsdp.rank_world()
+        device = f"cuda:{torch.cuda.current_device()}" if world > 1 and torch.cuda.is_available() else None
         model = LlamaForCausalLM.from_pretrained(model, dtype=dtype, pack=False, load_in_4bit=qlora,
-                                                 bnb_4bit_quant_type="nf4")
+                                                 bnb_4bit_quant_type="nf4", device=device)
     trainer = Trainer(model, tokenizer, config)
     result = trainer.train(resume_from_checkpoint=resume)
     final = Path(out) / "final"
-    if config.lora_r is None:
-        model.save_pretrained(final)
-    else:
-        save_adapter(model, final)
-    tokenizer.save_pretrained(final)
+    plain = trainer.unsharded()  # every rank takes part; rank 0 gets the weights
+    if trainer.rank == 0:
+        if config.lora_r is None:
+            plain.save_pretrained(final)
+        else:
+            save_adapter(plain, final)
+        tokenizer.save_pretrained(final)
     result["final"] = str(final)
     return result
+
+
+def _finetune_launched(model, data, out, qlora, resume, dtype, nproc, by_name, options) -> dict:
+    import tempfile
+
+    from .distributed import launch
+
+    if not by_name:
+        raise ValueError("finetune(nproc > 1) loads the model in every process: pass a name or path, not a model object")
+    if qlora:
+        raise ValueError("FSDP shards float weights: QLoRA (a quantized base) runs with nproc=1")
+    batch_size = options.get("batch_size", TrainConfig.batch_size)
+    if batch_size % nproc:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of nproc {nproc}: each rank takes "
+                         f"batch_size / nproc rows of every micro-batch")
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        launch(_finetune_rank, nproc, dict(model=model, data=data, out=str(out), resume=resume, dtype=dtype, **options),
+               str(result_file))
+        return json.loads(result_file.read_text(encoding="utf-8"))
+
+
+def _finetune_rank(rank, world, kwargs, result_file):
+    """One FSDP rank of finetune(nproc=N); rank 0 reports the result."""
+    result = finetune(**kwargs)
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(result), encoding="utf-8")
 
 
 __all__ = ["NonFiniteError", "ResumeError", "TrainConfig", "Trainer", "finetune", "load_adapter"]
