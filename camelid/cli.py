@@ -458,9 +458,19 @@ def cmd_finetune(args) -> int:
         progress=not args.no_progress)
     if args.full and args.qlora:
         raise ValueError("--qlora trains a LoRA adapter on a 4-bit base; it cannot be combined with --full")
+    from .distributed import init_from_env
+
+    torchrun = init_from_env()  # under torchrun: this process is one FSDP rank
+    if torchrun and args.nproc > 1:
+        raise ValueError("--nproc launches its own processes; under torchrun leave it out")
     result = finetune(args.model, args.data, args.out, qlora=args.qlora, resume=args.resume, dtype=args.dtype,
                       nproc=args.nproc, **options)
-    print(json.dumps(result))
+    import torch.distributed as dist
+
+    if not torchrun or dist.get_rank() == 0:
+        print(json.dumps(result))
+    if torchrun:
+        dist.destroy_process_group()
     return 0
 
 

@@ -280,6 +280,21 @@ def _entry(rank, fn, world, port, backend, timeout, args):
         dist.destroy_process_group()
 
 
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR/PORT in the
+    environment): NCCL with a GPU per local rank, gloo otherwise. False when not under torchrun."""
+    import os
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
 def launch(fn, nproc: int, *args, timeout: float = 1800) -> None:
     """Run fn(rank, world, *args) in `nproc` fresh processes joined in one process group (NCCL
     when there is a GPU per process, gloo otherwise), as torchrun would; fn must be importable.

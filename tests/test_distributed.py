@@ -211,3 +211,32 @@ def test_serve_with_nproc_answers_like_one_process_and_stops_on_sigterm(tmp_path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---------------------------------------------------------------------- NCCL (a GPU per rank)
+
+def _nccl_worker(rank, world, kind, out):
+    model = build(kind).to(f"cuda:{rank}")
+    tensor_parallel(model)
+    with torch.no_grad():
+        logits = model(IDS.to(f"cuda:{rank}")).logits
+    tokens = model.generate(IDS[:1].to(f"cuda:{rank}"), max_new_tokens=6)
+    if rank == 0:
+        torch.save({"logits": logits.cpu(), "tokens": tokens.cpu()}, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("kind", ["gqa", "kv<ranks"])
+def test_tp_over_nccl_equals_one_gpu(kind, tmp_path):
+    """launch picks NCCL with a GPU per rank; float32 on GPUs (TF32 off) within 1e-4 of one GPU."""
+    from camelid.distributed import launch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = tmp_path / "nccl.pt"
+    launch(_nccl_worker, 2, kind, str(out))
+    got = torch.load(out)
+    model = build(kind).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], model(IDS.cuda()).logits.cpu(), rtol=0, atol=1e-4)
+    assert torch.equal(got["tokens"], model.generate(IDS[:1].cuda(), max_new_tokens=6).cpu())

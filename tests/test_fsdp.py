@@ -142,3 +142,15 @@ def test_finetune_cli_nproc_2(data, tmp_path, smollm2_gguf):
         load_adapter(model, tmp_path / run_dir / "final")
         states.append({k: v.clone() for k, v in lora_state_dict(model).items()})
     same_weights(states[1], states[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_finetune_over_nccl(data, tmp_path, smollm2_gguf):
+    """finetune(nproc=2) with a GPU per rank (NCCL) trains and writes the final adapter."""
+    tok = Tokenizer.from_pretrained(smollm2_gguf)
+    base = tmp_path / "base"
+    tiny(tok).save_pretrained(base)
+    tok.save_pretrained(base)
+    result = finetune(str(base), data, tmp_path / "out", nproc=2, max_steps=2, batch_size=4, progress=False)
+    assert result["step"] == 2 and (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
