@@ -44,12 +44,28 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def contiguous(model: nn.Module) -> nn.Module:
+    """Give every parameter a row-major layout (FSDP shards by rows of the memory; the GGUF loader
+    stores linear weights column-major for faster decode). Tied parameters stay one parameter."""
+    done = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in done:
+                done[id(p)] = p if p.is_contiguous() else nn.Parameter(p.detach().contiguous(),
+                                                                        requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]
+    return model
+
+
 def shard_model(model: nn.Module, mp_policy=None) -> nn.Module:
     """fully_shard each decoder layer, then the root (embedding, norm, lm_head; a tied lm_head is
     the embedding's tensor, so it stays in one unit). In place; returns the model."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    contiguous(model)
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

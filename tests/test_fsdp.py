@@ -38,9 +38,18 @@ def data(tmp_path_factory):
 
 
 def tiny(tok):
+    """A tiny model whose linear weights are column-major in memory, as the GGUF loader leaves them
+    (FSDP needs row-major parameters: camelid.fsdp.contiguous)."""
+    from camelid.formats.common import column_major
+
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not model.lm_head:
+            m.weight = torch.nn.Parameter(column_major(m.weight.detach()))
+    return model
 
 
 def settings(data, out, lora_r, **kw):
