@@ -119,3 +119,54 @@ def kv_cache_bytes(config: LlamaConfig, batch_size: int, context: int, dtype: st
     """Keys and values of every layer for `batch_size` sequences of `context` tokens."""
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
     return int(per_token * batch_size * context * BYTES[dtype])
+
+
+# ---------------------------------------------------------------------- a readable summary
+
+def _human(n: float, unit: str = "") -> str:
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _bytes(n: float) -> str:
+    for prefix, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {prefix}"
+    return f"{n:.0f} B"
+
+
+def summary(config: LlamaConfig, seq_len: int, batch_size: int) -> list[tuple[str, str]]:
+    """(field, value) rows for `camelid info`: the architecture, parameters, FLOPs and memory."""
+    c = config
+    rope = "ALiBi" if c.alibi else f"{c.rope_type} (theta {c.rope_theta:g})"
+    if c.rope_scaling:
+        rope += ", " + ", ".join(f"{k}={v}" for k, v in c.rope_scaling.items()
+                                 if k != "rope_type" and not isinstance(v, list))
+    attn = ("MHA" if c.num_key_value_heads == c.num_attention_heads else
+            "MQA" if c.num_key_value_heads == 1 else f"GQA ({c.num_attention_heads // c.num_key_value_heads} q per kv)")
+    fwd = flops(c, seq_len, batch_size)
+    train = flops(c, seq_len, batch_size, training=True)
+    train_rc = flops(c, seq_len, batch_size, training=True, recompute="full")
+    rows = [
+        ("vocab_size", f"{c.vocab_size:,}"),
+        ("hidden_size / intermediate_size", f"{c.hidden_size:,} / {c.intermediate_size:,}"),
+        ("layers", str(c.num_hidden_layers)),
+        ("heads / kv heads / head_dim", f"{c.num_attention_heads} / {c.num_key_value_heads} / {c.head_dim}  [{attn}]"),
+        ("position encoding", rope),
+        ("max_position_embeddings", f"{c.max_position_embeddings:,}"),
+        ("tied embeddings", str(c.tie_word_embeddings)),
+        ("parameters", f"{parameter_count(c):,}"),
+        ("parameters (non-embedding)", f"{parameter_count(c, exclude_embeddings=True):,}"),
+        (f"forward FLOPs/token @ seq {seq_len}", _human(fwd.per_token, "FLOP")),
+        ("train FLOPs/token (no recompute)", _human(train.per_token, "FLOP")),
+        ("train FLOPs/token (full recompute)", _human(train_rc.per_token, "FLOP")),
+        (f"train FLOPs/step (batch {batch_size})", _human(train.total, "FLOP")),
+    ]
+    for dtype in ("float32", "bfloat16", "int8", "int4"):
+        rows.append((f"weights {dtype}", _bytes(weight_bytes(c, dtype))))
+    for ctx in sorted({seq_len, c.max_position_embeddings}):
+        rows.append((f"KV cache bf16, batch {batch_size} x {ctx:,} tokens",
+                     _bytes(kv_cache_bytes(c, batch_size, ctx))))
+    return rows
