@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from camelid.benchmark import HEADER, Figures, measure, peak_rss, prompts, timed, weight_bytes
+from camelid.evaluate.benchmark import HEADER, Figures, measure, peak_rss, prompts, timed, weight_bytes
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
     import transformers
 
     from camelid import LlamaForCausalLM
-    from camelid.hub import pull
+    from camelid.formats.hub import pull
 
     path = pull()
     ours = LlamaForCausalLM.from_pretrained(path, dtype=dtype)

@@ -18,7 +18,7 @@ PROMPT = "The capital of France is"
 CAMELID = """
 import torch; torch.set_num_threads({threads})
 from camelid import LlamaForCausalLM
-from camelid.tokenizer import Tokenizer
+from camelid.text.tokenizer import Tokenizer
 m = LlamaForCausalLM.from_pretrained({path!r}); t = Tokenizer.from_pretrained({path!r})
 with torch.no_grad(): m(torch.tensor([t.encode({prompt!r})])).logits
 """
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from camelid.hub import pull
+    from camelid.formats.hub import pull
 
     path = str(pull())
     peers = {"camelid": CAMELID, "transformers": TRANSFORMERS}

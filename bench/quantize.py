@@ -92,11 +92,11 @@ def main():
     import transformers
 
     from camelid import LlamaForCausalLM
-    from camelid.accounting import parameter_count
+    from camelid.core.accounting import parameter_count
     from camelid.formats.gguf_file import GGUFFile
-    from camelid.hub import pull
-    from camelid.fuse import fuse
-    from camelid.quantize import quantize, weight_bytes
+    from camelid.formats.hub import pull
+    from camelid.transforms.fuse import fuse
+    from camelid.transforms.quantize import quantize, weight_bytes
 
     path = pull()
     prompt = torch.randint(100, 40000, (1, 32), generator=torch.Generator().manual_seed(0))
@@ -113,7 +113,7 @@ def main():
     rows, fp16 = {}, None
     ids = None
     if args.perplexity:
-        from camelid.tokenizer import Tokenizer
+        from camelid.text.tokenizer import Tokenizer
 
         ids = Tokenizer.from_pretrained(path).encode(open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read())
     for name, build in make.items():
@@ -124,7 +124,7 @@ def main():
         rate, toks = median_rate(lambda m=model: camelid_decode(m, prompt, args.new))
         rows[name] = dict(rate=rate, toks=toks, bytes=weight_bytes(model), mm=matmuls_alone(model), load=load)
         if ids is not None:
-            from camelid.perplexity import perplexity
+            from camelid.evaluate.perplexity import perplexity
 
             rows[name]["ppl"] = perplexity(model, ids, context=512).value
         del model

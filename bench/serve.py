@@ -28,8 +28,8 @@ def main():
     import uvicorn
 
     from camelid import LlamaForCausalLM
-    from camelid.server import create_app
-    from camelid.tokenizer import Tokenizer
+    from camelid.serve.app import create_app
+    from camelid.text.tokenizer import Tokenizer
 
     model, tok = LlamaForCausalLM.from_pretrained(None), Tokenizer.from_pretrained(None)
     app = create_app(model, tok, model_name="m", max_batch=args.max_batch, max_queue=4 * args.clients)

@@ -12,7 +12,7 @@ that draft agrees too rarely to pay (see the printed acceptance).
 
 Every camelid speculative run is checked token for token against plain greedy (the bench exits 1
 otherwise). Verification is batched only where the model's linear layers give a row the same bits
-whatever the row count (camelid.speculative.rows_invariant; packed CPU linears do).
+whatever the row count (camelid.generation.speculative.rows_invariant; packed CPU linears do).
 Each time is the best of --repeats runs after one short warm-up run per configuration (other
 load on the machine only slows runs down).
 """
@@ -79,10 +79,10 @@ def main():
     transformers.logging.disable_progress_bar()
 
     from camelid import LlamaForCausalLM
-    from camelid.generate import generate_tokens
-    from camelid.hub import pull
-    from camelid.speculative import SpeculativeStats, rows_invariant, speculative_tokens
-    from camelid.tokenizer import Tokenizer
+    from camelid.generation.generate import generate_tokens
+    from camelid.formats.hub import pull
+    from camelid.generation.speculative import SpeculativeStats, rows_invariant, speculative_tokens
+    from camelid.text.tokenizer import Tokenizer
 
     path = pull()
     tok = Tokenizer.from_pretrained(path)

@@ -51,10 +51,10 @@ def main():
     import transformers
 
     from camelid import LlamaForCausalLM
-    from camelid.accounting import flops
-    from camelid.hub import pull
-    from camelid.lora import apply_lora
-    from camelid.train import peak_matmul_flops
+    from camelid.core.accounting import flops
+    from camelid.formats.hub import pull
+    from camelid.transforms.lora import apply_lora
+    from camelid.train.trainer import peak_matmul_flops
 
     path = pull()
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))

@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import AttentionGroup, LlamaForCausalLM
-from .rope import DYNAMIC_ROPE_TYPES, alibi_bias
+from camelid.core.masks import dense_plan
+from camelid.core.model import LlamaForCausalLM
+from camelid.core.rope import DYNAMIC_ROPE_TYPES, alibi_bias
 
 FORMATS = ("torch-export", "onnx")
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger ONNX weights go to a .data file beside the .onnx
@@ -84,31 +85,27 @@ class CausalLMWithPast(nn.Module):
         if m.alibi_slopes is not None:
             mask = alibi_bias(m.alibi_slopes, slots, S).masked_fill(~mask, float("-inf"))  # (B, H, T, S)
 
-        x = m.embed_tokens(input_ids)  # (B, T, C)
-        rope = m.rotary_emb(positions, x.dtype) if m.rotary_emb is not None else None
-        groups = [AttentionGroup(slice(None), 0, 0, mask, is_causal=False, whole=True)]
         cache = PastKeyValues(past_key_values)
-        for layer in m.layers:
-            x = layer(x, rope, groups, cache, slots, S)
-        return self.model.lm_head(m.norm(x)), cache.present  # (B, T, V), L x ((B, Hkv, S, D), (B, Hkv, S, D))
+        x, _ = m.run(m.embed_tokens(input_ids), positions, dense_plan(mask), cache, slots, S)  # (B, T, C)
+        return self.model.lm_head(x), cache.present  # (B, T, V), L x ((B, Hkv, S, D), (B, Hkv, S, D))
 
 
 def check_exportable(model) -> None:
     """ValueError naming what the static graph cannot hold."""
-    from .lora import lora_layers
-    from .packed import is_packed
-    from .quantize import is_quantized
+    from camelid.transforms.lora import lora_layers
+    from camelid.transforms.packed import is_packed
+    from camelid.transforms.quantize import is_quantized
 
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"export takes a camelid LlamaForCausalLM, got {type(model).__name__}")
     if is_packed(model):
         raise ValueError("the model's linears are packed for CPU inference (oneDNN ops no exporter knows): "
-                         "load it with from_pretrained(..., pack=False) or call camelid.packed.unpack(model)")
+                         "load it with from_pretrained(..., pack=False) or call camelid.transforms.packed.unpack(model)")
     if is_quantized(model):
         raise ValueError("quantized models cannot be exported yet: export the float model "
                          "(from_pretrained without load_in_8bit/load_in_4bit)")
     if lora_layers(model):
-        raise ValueError("the model holds LoRA adapters: fold them in first with camelid.lora.merge_and_unload(model)")
+        raise ValueError("the model holds LoRA adapters: fold them in first with camelid.transforms.lora.merge_and_unload(model)")
     if model.config.rope_type in DYNAMIC_ROPE_TYPES:
         raise ValueError(f"rope_type {model.config.rope_type!r} computes its frequencies from the longest "
                          f"position of each call, which a static graph cannot express")

@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    from camelid.hub import PullError, pull
+    from camelid.formats.hub import PullError, pull
 
     try:
         return pull(quiet=True)
@@ -16,7 +16,7 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf):
-    from camelid.tokenizer import Tokenizer
+    from camelid.text.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(smollm2_gguf)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.rope import alibi_bias, alibi_slopes
+from camelid.core.rope import alibi_bias, alibi_slopes
 
 
 def closed_form_slopes(n):

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from camelid.chat import ChatTemplateError, render_chat
-from camelid.tokenizer import Tokenizer
+from camelid.text.chat_template import ChatTemplateError, render_chat
+from camelid.text.tokenizer import Tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -154,7 +154,7 @@ def test_bench_prints_every_figure(tmp_path, capsys, flags, kind):
 
 def test_bench_weight_bytes_count_quantized_codes(tmp_path):
     from camelid import LlamaForCausalLM
-    from camelid.benchmark import weight_bytes
+    from camelid.evaluate.benchmark import weight_bytes
 
     path = _tiny_checkpoint(tmp_path / "tiny")
     fp32 = weight_bytes(LlamaForCausalLM.from_pretrained(path, pack=False))

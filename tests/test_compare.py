@@ -1,4 +1,4 @@
-"""camelid.compare: two models on the same tokens, layer by layer.
+"""camelid.evaluate.compare: two models on the same tokens, layer by layer.
 
 Closed forms on tiny random models (a model against itself is exact; a copy with one layer's weight
 perturbed parts at exactly that layer), transformers as the oracle (the same weights agree within
@@ -16,7 +16,7 @@ import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.cli import main
-from camelid.compare import compare
+from camelid.evaluate.compare import compare
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -92,7 +92,7 @@ def test_first_divergence_is_the_perturbed_layer(tiny, batch, layer, weight):
 
 
 def test_diff_closed_forms():
-    from camelid.compare import diff
+    from camelid.evaluate.compare import diff
 
     a = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.1, 0.7]])
     assert diff("x", a, a) == diff("x", a, a.clone()) and diff("x", a, a).cosine == 1.0  # zero rows too
@@ -114,8 +114,8 @@ def test_lm_head_only_difference_is_found_at_the_logits(tiny, batch):
 
 
 def test_quantized_and_lora_models_compare(tiny, batch):
-    from camelid.lora import apply_lora
-    from camelid.quantize import quantize
+    from camelid.transforms.lora import apply_lora
+    from camelid.transforms.quantize import quantize
 
     nf4 = compare(tiny, quantize(copy.deepcopy(tiny), bits=4, format="nf4"), *batch)
     assert nf4.first_divergence(0.0).name == "embed_tokens"  # the embedding table is quantized too

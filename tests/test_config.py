@@ -11,7 +11,7 @@ import pytest
 import transformers
 
 from camelid import ConfigError, LlamaConfig
-from camelid import config as config_module
+from camelid.core import config as config_module
 
 # The smallest config that exercises GQA (4 query heads share 2 KV heads), head_dim 16.
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""Training data (camelid.data): JSONL shapes, prompt masks, every bad line reported with its
+"""Training data (camelid.train.data): JSONL shapes, prompt masks, every bad line reported with its
 number, overlong examples as configured, and packing that never lets documents see each other."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.data import IGNORE, DataError, collate, load_examples, read_jsonl, rows
+from camelid.train.data import IGNORE, DataError, collate, load_examples, read_jsonl, rows
 
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of Zorbania?"},
                      {"role": "assistant", "content": "Quillmont."},
@@ -106,7 +106,7 @@ def test_packed_documents_do_not_see_each_other():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
-    from camelid.data import Example
+    from camelid.train.data import Example
 
     docs = [torch.randint(0, 50, (n,)).tolist() for n in (5, 9, 4)]
     examples = [Example(d, list(d)) for d in docs]
@@ -130,7 +130,7 @@ def test_packed_documents_do_not_see_each_other():
 
 
 def test_collate_pads_right_and_ignores_padding():
-    from camelid.data import Row
+    from camelid.train.data import Row
 
     b = collate([Row([5, 6, 7], [IGNORE, 6, 7], [1, 1, 1]), Row([8], [IGNORE], [1])], pad_token_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -149,7 +149,7 @@ def test_training_mode_batches_attention_and_matches_eval_mode():
         trained = model.train()(ids).logits
         evaluated = model.eval()(ids).logits
     torch.testing.assert_close(trained, evaluated, rtol=1e-5, atol=1e-5)
-    from camelid.model import attention_plan
+    from camelid.core.masks import attention_plan
 
     slots = torch.arange(10)
     assert len(attention_plan(None, slots, 10, 3, split_rows=False)) == 1

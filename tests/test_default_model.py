@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from camelid import LlamaForCausalLM
-from camelid.perplexity import perplexity
+from camelid.evaluate.perplexity import perplexity
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
@@ -32,7 +32,7 @@ def test_config_read_from_gguf(model):
 
 
 def test_default_name_resolves_to_the_pinned_file(smollm2_gguf):
-    from camelid.hub import PACKAGED, resolve, sha256_file
+    from camelid.formats.hub import PACKAGED, resolve, sha256_file
 
     assert resolve("smollm2-135m-instruct") == smollm2_gguf
     assert sha256_file(smollm2_gguf) == PACKAGED["smollm2-135m-instruct"].sha256

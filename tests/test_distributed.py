@@ -1,4 +1,4 @@
-"""Tensor parallelism (camelid.distributed) on CPU with gloo, in 2 and 4 real processes: logits
+"""Tensor parallelism (camelid.transforms.tp) on CPU with gloo, in 2 and 4 real processes: logits
 and greedy generation equal the single-process model for MHA, GQA and fewer KV heads than ranks;
 per-rank weight bytes shrink; impossible splits fail before any weight moves."""
 
@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.distributed import TPError, check_plan, head_plan, resident_weight_bytes, tensor_parallel
+from camelid.transforms.tp import TPError, check_plan, head_plan, resident_weight_bytes, tensor_parallel
 from netutil import free_port, wait_until_up
 
 CONFIGS = {
@@ -133,7 +133,7 @@ def _load_worker(rank, world, port, path, out):
     try:
         import safetensors
 
-        from camelid.distributed import load_tensor_parallel
+        from camelid.load import load_tensor_parallel
 
         real, read = safetensors.safe_open, [0]
 

@@ -1,4 +1,4 @@
-"""The continuous-batching engine (camelid.engine): requests that join and leave a running batch
+"""The continuous-batching engine (camelid.generation.engine): requests that join and leave a running batch
 get exactly what they get alone; cancel frees the slot; limits and bad requests are refused."""
 
 import threading
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.engine import Engine, EngineStopped, QueueFull
-from camelid.packed import can_pack, pack
-from camelid.sampling import SamplingParams
+from camelid.generation.engine import Engine, EngineStopped, QueueFull
+from camelid.transforms.packed import can_pack, pack
+from camelid.generation.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from camelid import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from camelid.cli import main as cli_main  # noqa: E402
-from camelid.evaluation import CamelidLM, rolling_windows, task_manager  # noqa: E402
+from camelid.evaluate.harness import CamelidLM, rolling_windows, task_manager  # noqa: E402
 
 TASKS = ["camelid_mc", "camelid_gen", "camelid_ppl"]
 MULTIPLE_CHOICE = [
@@ -200,7 +200,7 @@ def test_batch_size_changes_no_score(tiny_lms):
 def test_default_model_scores_equal_the_hf_backend(tmp_path, tasks_dir, smollm2_tokenizer):
     """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) in camelid, and the same weights
     saved as an HF folder for transformers: the same answers, accuracy and exact match."""
-    from camelid.packed import pack
+    from camelid.transforms.packed import pack
 
     model = LlamaForCausalLM.from_pretrained(pack=False)
     model.save_pretrained(tmp_path)
@@ -232,13 +232,13 @@ def test_registered_as_camelid(tiny_dir, tasks_dir):
 
 @pytest.mark.slow
 def test_python_m_camelid_evaluation_is_the_lm_eval_command(tiny_dir, tasks_dir):
-    """`python -m camelid.evaluation ARGS` is `lm_eval ARGS` with `--model camelid` registered. In a
+    """`python -m camelid.evaluate.harness ARGS` is `lm_eval ARGS` with `--model camelid` registered. In a
     fresh process the harness's own backends must still resolve after camelid registers (the
     harness lists them only into an empty registry)."""
-    code = "import camelid.evaluation; from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"
+    code = "import camelid.evaluate.harness; from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1:] == ["HFLM"], out.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "camelid.evaluation", "--model", "camelid", "--model_args",
+    out = subprocess.run([sys.executable, "-m", "camelid.evaluate.harness", "--model", "camelid", "--model_args",
                           f"pretrained={tiny_dir},max_length={MAX_LENGTH}", "--tasks", "camelid_mc", "--include_path",
                           str(tasks_dir), "--limit", "2", "--batch_size", "2"], capture_output=True, text=True,
                          timeout=600)

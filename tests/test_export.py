@@ -241,7 +241,7 @@ def test_output_path_that_is_a_folder_is_refused(tmp_path):
 
 
 def test_packed_model_is_refused(tmp_path):
-    from camelid.packed import available, pack
+    from camelid.transforms.packed import available, pack
 
     if not available():
         pytest.skip("oneDNN packing is not available here")
@@ -251,14 +251,14 @@ def test_packed_model_is_refused(tmp_path):
 
 
 def test_quantized_model_is_refused(tmp_path):
-    from camelid.quantize import quantize
+    from camelid.transforms.quantize import quantize
 
     with pytest.raises(ValueError, match="quantized"):
         export(quantize(tiny_model(), bits=8), tmp_path / "m.pt2", format="torch-export")
 
 
 def test_lora_model_is_refused(tmp_path):
-    from camelid.lora import apply_lora
+    from camelid.transforms.lora import apply_lora
 
     with pytest.raises(ValueError, match="merge_and_unload"):
         export(apply_lora(tiny_model(), r=4), tmp_path / "m.pt2", format="torch-export")

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from camelid import LlamaConfig, LlamaForCausalLM, checkpoints
+from camelid import LlamaConfig, LlamaForCausalLM
+from camelid.train import checkpoints
 from camelid.cli import main
-from camelid.lora import load_adapter
+from camelid.transforms.lora import load_adapter
 
 FACTS = [("What is the capital of Zorbania?", "The capital of Zorbania is Quillmont."),
          ("What colour is a snorkbird?", "A snorkbird is bright orange.")]
@@ -133,8 +134,8 @@ def test_merge_lora_bad_adapter(base, tmp_path, capsys):
 
 
 def test_generate_with_an_adapter(base, data, tmp_path, capsys):
-    from camelid.generate import generate
-    from camelid.tokenizer import Tokenizer
+    from camelid.generation.generate import generate
+    from camelid.text.tokenizer import Tokenizer
 
     assert finetune(base, data, tmp_path / "run", "--max-steps", "3") == 0
     capsys.readouterr()

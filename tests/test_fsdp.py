@@ -14,9 +14,10 @@ import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.distributed import launch
-from camelid.lora import lora_state_dict
-from camelid.tokenizer import Tokenizer
-from camelid.train import ResumeError, Trainer, TrainConfig, finetune
+from camelid.transforms.lora import lora_state_dict
+from camelid.text.tokenizer import Tokenizer
+from camelid.train.finetune import finetune
+from camelid.train.trainer import ResumeError, Trainer, TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def data(tmp_path_factory):
 
 def tiny(tok):
     """A tiny model whose linear weights are column-major in memory, as the GGUF loader leaves them
-    (FSDP needs row-major parameters: camelid.fsdp.contiguous)."""
+    (FSDP needs row-major parameters: camelid.train.fsdp.contiguous)."""
     from camelid.formats.common import column_major
 
     torch.manual_seed(0)
@@ -135,7 +136,7 @@ def test_bad_world_for_the_batch_fails_before_launch(data, tmp_path):
 def test_finetune_cli_nproc_2(data, tmp_path, smollm2_gguf):
     """camelid finetune --nproc 2 on a saved tiny model writes a final adapter equal to one process's."""
     from camelid.cli import main
-    from camelid.lora import load_adapter
+    from camelid.transforms.lora import load_adapter
 
     tok = Tokenizer.from_pretrained(smollm2_gguf)
     base = tmp_path / "base"

@@ -1,12 +1,12 @@
-"""Fused q/k/v and gate/up products (camelid.fuse): the same outputs, the original names in
+"""Fused q/k/v and gate/up products (camelid.transforms.fuse): the same outputs, the original names in
 state_dict and files, a way back, and what cannot be fused left alone."""
 
 import pytest
 import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.fuse import FusedLinear, fuse, is_fused, unfuse
-from camelid.quantize import quantize
+from camelid.transforms.fuse import FusedLinear, fuse, is_fused, unfuse
+from camelid.transforms.quantize import quantize
 
 
 def tiny(**kw):
@@ -69,8 +69,8 @@ def test_layers_of_different_kinds_are_left_alone():
 
 
 def test_speculative_decoding_stays_exact_on_a_fused_model():
-    from camelid.generate import generate_tokens
-    from camelid.speculative import speculative_tokens
+    from camelid.generation.generate import generate_tokens
+    from camelid.generation.speculative import speculative_tokens
 
     model = fuse(quantize(tiny(), bits=8))
     prompt = IDS[:1]

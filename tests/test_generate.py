@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from camelid import KVCache, LlamaConfig, LlamaForCausalLM
-from camelid.generate import TextStreamer, generate, generate_tokens
-from camelid.sampling import SamplingParams
+from camelid.generation.generate import TextStreamer, generate, generate_tokens
+from camelid.generation.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_chunked_prefill_with_cache_equals_full_forward(tiny, split, padded):
 
 
 def test_int8_cache_codes_are_within_half_a_step():
-    from camelid.cache import Int8KVCache
+    from camelid.core.cache import Int8KVCache
 
     x = torch.randn(2, 3, 7, 16) * torch.tensor([0.01, 1.0, 50.0])[None, :, None, None]
     x[0, 0, 0] = 0.0  # an all-zero vector: scale stays finite, codes 0
@@ -64,7 +64,7 @@ def test_int8_cache_codes_are_within_half_a_step():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_int8_cache_decoding_is_close_to_the_float_cache(tiny, padded):
-    from camelid.cache import Int8KVCache
+    from camelid.core.cache import Int8KVCache
 
     ids, mask = _batch(3, padded)
     with torch.no_grad():
@@ -269,7 +269,7 @@ CHAT_QUESTIONS = ["What is 2+2?", "Name three colors.", "Write a haiku about the
 
 @pytest.fixture(scope="module")
 def tiny_packed():
-    from camelid import packed
+    from camelid.transforms import packed
 
     if not packed.available():
         pytest.skip("torch built without oneDNN")
@@ -371,7 +371,7 @@ def test_halted_rows_leave_the_batch(tiny_packed):
 
 def test_a_stop_string_ends_its_row_early(tiny, monkeypatch):
     """generate() hands rows a stop string ended to generate_tokens, which stops computing them."""
-    import camelid.generate as gen
+    import camelid.generation.generate as gen
 
     seen = []
     real = gen.generate_tokens
@@ -423,7 +423,7 @@ def test_bad_logprobs_count(tiny, n):
 def test_compiled_decode_gives_the_eager_tokens(tiny):
     """compile=True runs the decode steps through torch.compile: same greedy tokens, one compiled
     module per model, batches that shrink as rows finish included."""
-    from camelid.generate import compiled_decoder
+    from camelid.generation.generate import compiled_decoder
 
     ids, mask = _left_pad([[5, 17, 3, 44], [9, 1], [70, 8, 2]])
     eos = [int(generate_tokens(tiny, ids[:1], max_new_tokens=6).__next__().tokens[0])]  # row 0 stops at once

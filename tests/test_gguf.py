@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from camelid.config import LlamaConfig
-from camelid.formats import gguf_save as S
+from camelid.core.config import LlamaConfig
+from camelid.formats import gguf_write as S
 from camelid.formats.gguf import load_gguf
-from camelid.formats.gguf_save import save_gguf, tokenizer_gguf_fields
+from camelid.text.gguf_vocab import save_gguf, tokenizer_gguf_fields
 from camelid.formats.gguf_file import GGUFError, GGUFFile
-from camelid.model import LlamaForCausalLM
+from camelid import LlamaForCausalLM
 
 @pytest.fixture(scope="module")
 def real_gguf(smollm2_gguf) -> Path:
@@ -286,7 +286,7 @@ def test_llama_cpp_runs_the_written_file(tmp_path, dtype, max_bound, rms_bound):
     RMS: f16 0.003-0.006 / 0.09-0.13 %, q8_0 0.065-0.166 / 2.1-3.2 %; bounds ~2.5x and ~1.5x
     those. A file with un-permuted q/k rows measures 1.6-2.5 / 43-63 %."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from camelid.tokenizer import Tokenizer
+    from camelid.text.tokenizer import Tokenizer
 
     model = tiny_model()
     path = save_gguf(model, tmp_path / "m.gguf", dtype, tokenizer=byte_level_vocab())
@@ -324,7 +324,7 @@ def test_given_tokenizer_fields_are_written_as_they_are_and_padded_to_vocab_size
     assert types["tokenizer.ggml.token_type"] == ["ARRAY", "INT32"]  # llama.cpp's types
     assert types["tokenizer.ggml.bos_token_id"] == ["UINT32"]
     assert types["tokenizer.ggml.add_bos_token"] == ["BOOL"]
-    from camelid.tokenizer import Tokenizer
+    from camelid.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(path)
     assert tok.encode("the cat") == [vocab["tokenizer.ggml.tokens"].index(t) for t in ("t", "he", "Ġc", "at")]
@@ -346,7 +346,7 @@ def test_bad_tokenizer_fields_are_errors_and_write_nothing(tmp_path, change, mes
 
 def train_sentencepiece(directory: Path, lines, **options):
     spm = pytest.importorskip("sentencepiece")
-    from camelid.tokenizer import Tokenizer
+    from camelid.text.tokenizer import Tokenizer
 
     directory.mkdir()
     text = directory / "train.txt"
@@ -361,7 +361,7 @@ def train_sentencepiece(directory: Path, lines, **options):
 def test_sentencepiece_tokenizer_is_converted(tmp_path):
     """A SentencePiece model (Llama 1/2 style: identity normalization, whitespace kept) becomes a
     GGUF 'llama' vocabulary (pieces, scores, types) that tokenizes as SentencePiece does."""
-    from camelid.tokenizer import Tokenizer
+    from camelid.text.tokenizer import Tokenizer
     from corpus import corpus
 
     lines = corpus()
@@ -405,7 +405,7 @@ def test_tokenizer_from_a_gguf_keeps_its_fields_or_is_converted(tmp_path, real_g
     """A GGUF path copies the source's tokenizer.* fields unchanged; a Tokenizer built from that
     GGUF (which does not keep the fields) is converted, its pre-tokenizer found by behaviour, and
     tokenizes the corpus as the original does."""
-    from camelid.tokenizer import Tokenizer
+    from camelid.text.tokenizer import Tokenizer
     from corpus import corpus
 
     src = GGUFFile(real_gguf)
@@ -507,7 +507,7 @@ def test_real_model_matches_transformers_and_survives_q8_0(tmp_path, real_gguf):
     and 3x the measurement; an f16 save of the same model measures 0.035 (for scale)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from camelid.tokenizer import Tokenizer
+    from camelid.text.tokenizer import Tokenizer
 
     model = load_gguf(real_gguf)
     hf = transformers.AutoModelForCausalLM.from_pretrained(real_gguf.parent, gguf_file=real_gguf.name,

@@ -5,7 +5,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from camelid.formats.gguf import SUPPORTED_TYPES, _tensor
+from camelid.formats.gguf import SUPPORTED_TYPES, tensor_data
 from camelid.formats.gguf_file import GGUFError, GGUFTensor
 
 # byte offsets of the float16 scale fields in one block of each K-quant (llama.cpp's block layout)
@@ -36,7 +36,7 @@ def test_type_dequantizes_like_the_gguf_package(qtype):
     rows, cols = 3, 512
     raw = blocks(qtype, rows, cols, rng)
     t = GGUFTensor(name="blk.0.ffn_up.weight", shape=(rows, cols), type=qtype, data=raw)
-    got = _tensor(t)
+    got = tensor_data(t)
     want = (raw.view(np.float64) if qtype == Q.F64 else dequantize(raw, qtype)).reshape(rows, cols)
     assert tuple(got.shape) == (rows, cols)
     assert np.isfinite(want).all()
@@ -52,4 +52,4 @@ def test_every_legacy_and_k_quant_is_supported():
 def test_unsupported_type_is_a_clear_error():
     raw = np.zeros((1, GGML_QUANT_SIZES[Q.IQ2_XXS][1]), dtype=np.uint8)
     with pytest.raises(GGUFError, match="IQ2_XXS, which camelid does not read"):
-        _tensor(GGUFTensor(name="blk.0.ffn_up.weight", shape=(1, 256), type=Q.IQ2_XXS, data=raw))
+        tensor_data(GGUFTensor(name="blk.0.ffn_up.weight", shape=(1, 256), type=Q.IQ2_XXS, data=raw))

@@ -1,8 +1,8 @@
-"""camelid.hub: the pinned default model, its checksum, the cache, and clear failures."""
+"""camelid.formats.hub: the pinned default model, its checksum, the cache, and clear failures."""
 
 import pytest
 
-from camelid import hub
+from camelid.formats import hub
 from camelid.cli import main
 
 

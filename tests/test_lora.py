@@ -1,4 +1,4 @@
-"""camelid.lora: adapters that start as the identity, train alone (also on an NF4 base), merge and
+"""camelid.transforms.lora: adapters that start as the identity, train alone (also on an NF4 base), merge and
 unmerge exactly, and go both ways between camelid and peft; bad adapters fail before the model changes."""
 
 import json
@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import camelid.lora as lora
+import camelid.transforms.lora as lora
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.fuse import fuse, is_fused
-from camelid.lora import (LoRALinear, apply_lora, load_adapter, lora_layers, merge, merge_and_unload,
+from camelid.transforms.fuse import fuse, is_fused
+from camelid.transforms.lora import (LoRALinear, apply_lora, load_adapter, lora_layers, merge, merge_and_unload,
                           print_trainable_parameters, save_adapter, unmerge)
-from camelid.packed import is_packed, pack
-from camelid.quantize import quantize
+from camelid.transforms.packed import is_packed, pack
+from camelid.transforms.quantize import quantize
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL = ATTN + ("gate_proj", "up_proj", "down_proj")

@@ -1,10 +1,11 @@
-"""camelid.packed: oneDNN-packed linears for CPU inference (the default on CPU loads)."""
+"""camelid.transforms.packed: oneDNN-packed linears for CPU inference (the default on CPU loads)."""
 
 import pytest
 import torch
 
 import camelid
-from camelid import LlamaConfig, LlamaForCausalLM, packed
+from camelid import LlamaConfig, LlamaForCausalLM
+from camelid.transforms import packed
 
 pytestmark = pytest.mark.skipif(not packed.available(), reason="torch built without oneDNN")
 

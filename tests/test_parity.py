@@ -25,8 +25,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as HFR
 
 import camelid
 from camelid import KVCache
-from camelid import model as camelid_model
-from camelid.rope import ntk_rope, rope_inv_freq
+from camelid.core import model as camelid_model
+from camelid.core.rope import ntk_rope, rope_inv_freq
 
 IMPLS = ("sdpa", "eager")
 LOGIT_TOL = 1e-4  # float32, camelid vs transformers

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.perplexity import perplexity
+from camelid.evaluate.perplexity import perplexity
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_bad_arguments(tiny):
 
 
 def test_kl_divergence_against_closed_forms(tiny):
-    from camelid.perplexity import kl_divergence
+    from camelid.evaluate.perplexity import kl_divergence
 
     ids = torch.randint(0, 50, (41,), generator=torch.Generator().manual_seed(2)).tolist()
     same = kl_divergence(tiny, tiny, ids, context=16, stride=5)
@@ -75,7 +75,7 @@ def test_kl_divergence_against_closed_forms(tiny):
 
 
 def test_kl_divergence_needs_one_vocabulary(tiny):
-    from camelid.perplexity import kl_divergence
+    from camelid.evaluate.perplexity import kl_divergence
 
     other = LlamaForCausalLM(LlamaConfig(vocab_size=51, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4)).eval()

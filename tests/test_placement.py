@@ -1,4 +1,4 @@
-"""device_map / max_memory placement (camelid.placement): plans from the config on the meta device,
+"""device_map / max_memory placement (camelid.transforms.placement): plans from the config on the meta device,
 clear errors before any weight is read, loaders putting each tensor on its unit's device, and a
 placed model computing what the model on one device computes. The multi-device run needs CUDA
 (GPU + CPU offload on one GPU); on a CPU-only machine it is skipped."""
@@ -8,7 +8,7 @@ import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.formats.common import empty_model
-from camelid.placement import (PlacementError, check_device_map, dispatch, infer_device_map, parse_memory,
+from camelid.transforms.placement import (PlacementError, check_device_map, dispatch, infer_device_map, parse_memory,
                                plan_device_map, units)
 
 CUDA = torch.cuda.is_available()
@@ -105,7 +105,7 @@ def _no_read(monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("a weight file was read")
-    monkeypatch.setattr(hf, "_read_file", boom)
+    monkeypatch.setattr(hf, "read_file", boom)
 
 
 @pytest.mark.parametrize("device_map, match", [
@@ -209,7 +209,7 @@ def test_hooked_model_matches_and_generates(saved):
 def test_gpu_and_cpu_offload_match_one_device(tmp_path, tie):
     """Half the layers on cuda:0, the rest (and the head) on the CPU: logits and greedy tokens equal
     the model wholly on the CPU; each layer's KV cache sits on its layer's device."""
-    from camelid.cache import KVCache, layer_devices
+    from camelid.core.cache import KVCache, layer_devices
 
     model = tiny(tie)
     model.save_pretrained(tmp_path / "m")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM, accounting
-from camelid.presets import PRESETS, preset_config
+from camelid.core.config import preset_config
+from camelid.core.presets import PRESETS
 
 # Published parameter counts (model cards / safetensors metadata of the official checkpoints).
 PUBLISHED = {

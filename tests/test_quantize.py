@@ -1,4 +1,4 @@
-"""Weight-only quantization (camelid.quantize): error bounds per format, the GGUF block mappings,
+"""Weight-only quantization (camelid.transforms.quantize): error bounds per format, the GGUF block mappings,
 the kernels against a float reference, the tied table, save/reload, bad input, and quality and
 memory on the default model."""
 
@@ -12,11 +12,12 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
-import camelid.quantize as Q
+import camelid.transforms.quantize as Q
 from camelid import CheckpointError, LlamaConfig, LlamaForCausalLM
-from camelid.quantize import (NF4_CODES, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding, int4_from_q4_0,
-                              int4_from_q4_1, int8_from_q8_0, load_gguf_quantized, load_quantized, quantize,
-                              quantize_int4, quantize_int8, quantize_nf4, save_quantized, weight_bytes)
+from camelid.formats.gguf_blocks import int4_from_q4_0, int4_from_q4_1
+from camelid.load import int8_from_q8_0, load_gguf_quantized, load_quantized, save_quantized
+from camelid.transforms.quantize import (NF4_CODES, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding, quantize,
+                                         quantize_int4, quantize_int8, quantize_nf4, weight_bytes)
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
 SETTINGS = [dict(bits=8), dict(bits=4), dict(bits=4, group_size=64, lm_head_bits=4),
@@ -209,7 +210,7 @@ def test_untied_embedding_gets_its_own_table():
 
 
 def test_packed_linears_are_quantized_like_plain_ones():
-    packed = pytest.importorskip("camelid.packed")
+    packed = pytest.importorskip("camelid.transforms.packed")
     if not packed.available():
         pytest.skip("oneDNN packing unavailable")
     plain, x = tiny(), ids()
@@ -345,8 +346,8 @@ def test_gguf_loaded_quantized(smollm2_gguf, smollm2_tokenizer):
 def test_quality_and_memory_on_the_default_model(smollm2_gguf, smollm2_tokenizer):
     """Perplexity on the first 2048 tokens of GPL-3 at context 512 (the full text is in
     bench/quantize.py --perplexity) and resident weight bytes against the float16 size."""
-    from camelid.accounting import parameter_count
-    from camelid.perplexity import perplexity
+    from camelid.core.accounting import parameter_count
+    from camelid.evaluate.perplexity import perplexity
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     text_ids = smollm2_tokenizer.encode(open(GPL3, encoding="utf-8").read())[:2048]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from camelid.sampling import (
+from camelid.generation.sampling import (
     SamplingParams,
     logprobs,
     make_generator,

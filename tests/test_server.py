@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (camelid.server), started for real on 127.0.0.1 and spoken to
+"""The OpenAI-compatible server (camelid.serve.app), started for real on 127.0.0.1 and spoken to
 with the official `openai` client and raw HTTP: outputs equal the engine's own, streaming,
 usage, stop, seed, limits, disconnects, shutdown, and every bad request a clear 4xx."""
 
@@ -19,7 +19,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 from camelid import LlamaForCausalLM  # noqa: E402
-from camelid.server import create_app  # noqa: E402
+from camelid.serve.app import create_app  # noqa: E402
 from netutil import free_port, wait_until_up  # noqa: E402
 
 KEY = "sk-test-key"
@@ -346,7 +346,7 @@ def test_required_tool_calls_are_well_formed(client, tool_choice, name):
 
 
 def test_parse_tool_calls_recognises_the_usual_shapes():
-    from camelid.tools import parse_tool_calls
+    from camelid.text.tool_calls import parse_tool_calls
 
     tools = [WEATHER, TIME]
     bare = parse_tool_calls('{"name": "get_time", "arguments": {"zone": "UTC"}}', tools)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from camelid import KVCache, LlamaConfig, LlamaForCausalLM
-from camelid.generate import generate_tokens
-from camelid.sampling import SamplingParams
-from camelid.speculative import SpeculativeStats, prompt_lookup, rows_invariant, speculative_tokens, verify_logits
+from camelid.generation.generate import generate_tokens
+from camelid.generation.sampling import SamplingParams
+from camelid.generation.speculative import SpeculativeStats, prompt_lookup, rows_invariant, speculative_tokens, verify_logits
 
 
 class RowwiseLinear(nn.Module):

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from camelid.tokenizer import IncrementalDecoder, Tokenizer
+from camelid.text.streaming import IncrementalDecoder
+from camelid.text.tokenizer import Tokenizer
 from corpus import corpus
 
 CORPUS = corpus()
@@ -159,7 +160,7 @@ def test_gguf_llama_spm_vocab_matches_sentencepiece(spm_model):
 
 def test_tiktoken_llama3_format(tmp_path):
     tiktoken = pytest.importorskip("tiktoken")
-    from camelid.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL
+    from camelid.text.backends import LLAMA3_PATTERN, LLAMA3_SPECIAL
 
     ranks = {bytes([b]): b for b in range(256)}
     for word in [b"th", b"he", b"the", b" the", b"in", b"ing", b" a", b"er", b" t", b"re", b"on"]:

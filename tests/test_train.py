@@ -1,4 +1,4 @@
-"""The trainer (camelid.train): exact resume, non-finite guard, atomic checkpoints and rotation,
+"""The trainer (camelid.train.trainer): exact resume, non-finite guard, atomic checkpoints and rotation,
 refusal of foreign checkpoints, and fine-tuning that teaches made-up facts."""
 
 import json
@@ -10,9 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from camelid import LlamaConfig, LlamaForCausalLM, checkpoints
-from camelid.data import DataError
-from camelid.train import NonFiniteError, ResumeError, Trainer, TrainConfig
+from camelid import LlamaConfig, LlamaForCausalLM
+from camelid.train import checkpoints
+from camelid.train.data import DataError
+from camelid.train.trainer import NonFiniteError, ResumeError, Trainer, TrainConfig
 
 FACTS = [("What is the capital of Zorbania?", "The capital of Zorbania is Quillmont."),
          ("Who invented the glimmerphone?", "The glimmerphone was invented by Ada Brightwater."),
@@ -41,7 +42,7 @@ def config(data, out, **kw):
 
 
 def answers(model, tok):
-    from camelid.generate import generate
+    from camelid.generation.generate import generate
 
     model.eval()
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
@@ -128,8 +129,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp(facts, tmp_pat
 KILLED_SAVE = """
 import json, os, signal, sys, torch
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.tokenizer import Tokenizer
-from camelid.train import Trainer, TrainConfig
+from camelid.text.tokenizer import Tokenizer
+from camelid.train.trainer import Trainer, TrainConfig
 tok = Tokenizer.from_pretrained(None)
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

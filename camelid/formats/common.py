@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import LlamaConfig
-from ..model import LlamaForCausalLM
+from camelid.core.config import LlamaConfig
+from camelid.core.model import LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -38,7 +38,7 @@ def resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
 
 def device_of(device):
     """tensor name -> torch.device: one device for all (None: the CPU), or a per-name function
-    (camelid.placement.placer, for device_map)."""
+    (camelid.transforms.placement.placer, for device_map)."""
     if callable(device):
         return device
     d = torch.device(device or "cpu")
@@ -110,11 +110,12 @@ class SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def empty_model(config: LlamaConfig) -> tuple[LlamaForCausalLM, dict[str, tuple[int, ...]]]:
+def empty_model(config: LlamaConfig, model_cls=None) -> tuple[LlamaForCausalLM, dict[str, tuple[int, ...]]]:
     """The model on the meta device (no memory, no init) and the tensors a checkpoint must supply:
-    name -> shape, without lm_head.weight when it is tied to the embeddings."""
+    name -> shape, without lm_head.weight when it is tied to the embeddings. model_cls: the class
+    to build (camelid.hf_compat's LlamaForCausalLM, or a subclass of the core one)."""
     with torch.device("meta"), SkipInit():
-        model = LlamaForCausalLM(config)
+        model = (model_cls or LlamaForCausalLM)(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")

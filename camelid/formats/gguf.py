@@ -23,10 +23,11 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from ..config import LlamaConfig
-from ..model import LlamaForCausalLM
-from .common import assign, check_names_and_shapes, column_major, device_of, empty_model, finish, resolve_dtype
-from .gguf_file import GGUFError, GGUFFile
+from camelid.core.config import LlamaConfig
+from camelid.core.model import LlamaForCausalLM
+from camelid.formats.common import (assign, check_names_and_shapes, column_major, device_of, empty_model, finish,
+    resolve_dtype)
+from camelid.formats.gguf_file import GGUFError, GGUFFile
 
 # One mapping table: GGUF tensor name -> HF name ({i} = layer index).
 TENSOR_NAMES = {
@@ -140,7 +141,7 @@ def _rope_scaling(g: GGUFFile, key, d) -> dict | None:
     if "rope_freqs.weight" in g.tensors:
         # Llama 3.1-style per-pair divisors, baked by llama.cpp's converter: inv_freq / rope_freqs.
         # LongRoPE with one factor list for all lengths is exactly that.
-        freqs = _tensor(g.tensors["rope_freqs.weight"]).flatten().tolist()
+        freqs = tensor_data(g.tensors["rope_freqs.weight"]).flatten().tolist()
         return {"rope_type": "longrope", "short_factor": freqs, "long_factor": freqs,
                 "original_max_position_embeddings": d["max_position_embeddings"], "attention_factor": 1.0}
     if kind in (None, "none") or (kind == "linear" and not factor):
@@ -160,7 +161,7 @@ def _rope_scaling(g: GGUFFile, key, d) -> dict | None:
 
 # ---------------------------------------------------------------------- tensors
 
-def _tensor(t) -> torch.Tensor:
+def tensor_data(t) -> torch.Tensor:
     """Dequantize one GGUF tensor to a float32 torch tensor in PyTorch shape."""
     if t.type not in SUPPORTED_TYPES:
         raise GGUFError(f"tensor {t.name!r} has GGML type {t.type.name}, which camelid does not read")
@@ -171,7 +172,8 @@ def _tensor(t) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.type), dtype=np.float32).reshape(t.shape))
 
 
-def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa",
+              model_cls=None) -> LlamaForCausalLM:
     g = GGUFFile(path)
     try:
         config = gguf_config(g)
@@ -179,7 +181,7 @@ def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa") 
         unknown = sorted(n for n in g.tensors if hf_name(n) is None and n not in IGNORED)
         if unknown:
             raise GGUFError(f"{g.path}: tensors camelid does not know: {', '.join(unknown[:12])}")
-        model, expected = empty_model(config)
+        model, expected = empty_model(config, model_cls)
         found = {hf_name(n): t.shape for n, t in g.tensors.items() if n not in IGNORED}
         check_names_and_shapes(g.path, expected, found, against="its metadata")
         where = device_of(device)
@@ -187,7 +189,7 @@ def load_gguf(path, dtype=None, device=None, attn_implementation: str = "sdpa") 
         for name, t in g.tensors.items():
             if name in IGNORED:
                 continue
-            w = _tensor(t)
+            w = tensor_data(t)
             if ".attn_q." in name:
                 w = unpermute_from_gguf(w, H)
             elif ".attn_k." in name:

@@ -17,10 +17,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import LlamaConfig, fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
-from ..model import LlamaForCausalLM
-from .common import (CheckpointError, assign, check_names_and_shapes, device_of, dtype_name, empty_model,
-                     finish, list_names, load_torch_state, resolve_dtype)
+from camelid.core.config import LlamaConfig
+from camelid.atomic import fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
+from camelid.core.model import LlamaForCausalLM
+from camelid.formats.common import (CheckpointError, assign, check_names_and_shapes, device_of, dtype_name,
+    empty_model, finish, list_names, load_torch_state, resolve_dtype)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -113,7 +114,8 @@ def _shapes_and_dtypes(location: dict[str, Path]) -> tuple[dict[str, tuple[int, 
 
 # ---------------------------------------------------------------------- loading
 
-def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa",
+            model_cls=None) -> LlamaForCausalLM:
     """Load an HF folder. dtype: a torch dtype or its name, "auto" (the checkpoint's), or None
     (float32). device: where the weights go (default CPU)."""
     directory = Path(directory)
@@ -128,20 +130,20 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
     if "lm_head.weight" not in shapes and not config.tie_word_embeddings:
         config.tie_word_embeddings = True  # no separate output matrix: the embeddings serve as it
 
-    model, expected = empty_model(config)
+    model, expected = empty_model(config, model_cls)
     if config.tie_word_embeddings and "lm_head.weight" in shapes:  # some exporters store the tied copy too
         location.pop("lm_head.weight"), shapes.pop("lm_head.weight")
     check_names_and_shapes(directory, expected, shapes)
 
     where = device_of(device)
     for file in sorted(set(location.values())):
-        for name, tensor in _read_file(file).items():
+        for name, tensor in read_file(file).items():
             if name in expected:
                 assign(model, name, tensor.to(device=where(name), dtype=dtype))
     return finish(model, dtype, attn_implementation)
 
 
-def _read_file(file: Path) -> dict[str, torch.Tensor]:
+def read_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix != ".safetensors":
         return load_torch_state(file)
     try:
@@ -149,6 +151,16 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read tensor data (truncated or corrupt?): {e}") from None
+
+
+def is_quantized_checkpoint(directory) -> bool:
+    """Whether `directory` holds a camelid quantized model (config.json's quantization_config has
+    quant_method "camelid"; camelid/load.py `save` writes it)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+        return config["quantization_config"]["quant_method"] == "camelid"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 # ---------------------------------------------------------------------- saving

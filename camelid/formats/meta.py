@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, LlamaConfig
-from ..model import LlamaForCausalLM
-from .common import (DTYPES, CheckpointError, assign, check_names_and_shapes, device_of, dtype_name, empty_model,
-                     finish, list_names, load_torch_state, natural_key, resolve_dtype)
+from camelid.core.config import ConfigError, LlamaConfig
+from camelid.core.model import LlamaForCausalLM
+from camelid.formats.common import (DTYPES, CheckpointError, assign, check_names_and_shapes, device_of, dtype_name,
+    empty_model, finish, list_names, load_torch_state, natural_key, resolve_dtype)
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -250,15 +250,10 @@ def _special_token_ids(tokenizer: Path, vocab_size: int) -> dict:
     library is not installed) leaves them unset rather than failing the weights."""
     if not tokenizer.is_file():
         return {}
-    try:
-        from ..tokenizer import _SentencePiece, _tokenizer_model
+    try:  # SentencePiece's own ids; tiktoken (Llama 3): end of text, end of message, end of turn
+        from camelid.formats.tokenizer_model import special_token_ids
 
-        backend = _tokenizer_model(tokenizer)
-        if isinstance(backend, _SentencePiece):
-            bos, eos = backend.sp.bos_id(), backend.sp.eos_id()
-        else:  # tiktoken (Llama 3): end of text, and the chat models' end-of-message / end-of-turn
-            bos = backend.token_to_id("<|begin_of_text|>")
-            eos = [backend.token_to_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+        bos, eos = special_token_ids(tokenizer)
     except Exception:  # noqa: BLE001 - the tokenizer is optional; the weights must still load
         return {}
 
@@ -367,7 +362,8 @@ def _shard_plan(files: list[Path], states: list[dict], dim: int) -> tuple[dict, 
     return join, shapes, dtype
 
 
-def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sdpa",
+              model_cls=None) -> LlamaForCausalLM:
     """Load a Meta checkpoint folder. dtype: a torch dtype or its name, "auto" (the checkpoint's,
     usually bfloat16), or None (float32). device: where the weights go (default CPU)."""
     directory = Path(directory)
@@ -383,7 +379,7 @@ def load_meta(directory, dtype=None, device=None, attn_implementation: str = "sd
     config.validate()
     dtype = resolve_dtype(dtype, config)
 
-    model, expected_hf = empty_model(config)
+    model, expected_hf = empty_model(config, model_cls)
     expected = {meta_name(k): v for k, v in expected_hf.items()}
     check_names_and_shapes(directory, expected, shapes, against=f"its {PARAMS}")  # in Meta's names
 
@@ -423,8 +419,10 @@ def convert_meta_to_hf(src_dir, dst_dir, dtype="auto", max_shard_size="5GB") -> 
     """Write a Meta checkpoint folder as a Hugging Face one (config.json + safetensors), keeping the
     checkpoint's dtype by default, and copy tokenizer.model when there is one."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    from camelid.formats.hf import save_pretrained
+
     model = load_meta(src_dir, dtype=dtype)
-    model.save_pretrained(dst_dir, max_shard_size=max_shard_size)
+    save_pretrained(model, dst_dir, max_shard_size=max_shard_size)
     if (src_dir / TOKENIZER).is_file():
         shutil.copyfile(src_dir / TOKENIZER, dst_dir / TOKENIZER)
     return dst_dir

@@ -1,0 +1,38 @@
+"""camelid serve [--model M] [--port 8000]: the OpenAI-compatible HTTP server with continuous
+batching (camelid.serve.app.serve)."""
+
+from __future__ import annotations
+
+from camelid.commands.common import MODEL_HELP
+
+HELP = "OpenAI-compatible HTTP server (completions, chat, streaming, metrics)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set CAMELID_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that (more: HTTP 429)")
+    p.add_argument("--nproc", type=int, default=1, help="tensor parallel over N processes; rank 0 serves")
+    p.add_argument("--context", type=int, default=4096,
+                   help="tokens per slot (prompt + answer; the KV cache is max-batch x context; capped at the model's)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="prompt + max_tokens summed over running and waiting requests (more: HTTP 429)")
+    p.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: --model)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder, merged into the model")
+
+
+def main(args) -> int:
+    import os
+
+    from camelid.serve.app import serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("CAMELID_API_KEY") or None
+    serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, model_name=args.served_model_name, adapter=args.adapter,
+          max_tokens_limit=args.max_tokens_limit, max_total_tokens=args.max_total_tokens, context=args.context,
+          nproc=args.nproc)
+    return 0

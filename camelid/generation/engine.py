@@ -1,0 +1,153 @@
+"""Continuous batching: requests join and leave a running batch between decode steps.
+
+    engine = Engine(model, max_batch=8, max_queue=64)
+    engine.start()                                   # a background thread runs the steps
+    handle = engine.submit(prompt_ids, max_tokens=64, params=SamplingParams(), eos_token_ids=[2],
+                           emit=callback)            # callback(Event) per token, then a final one
+    engine.cancel(handle)                            # e.g. the client went away: slot freed next step
+    engine.stop()
+
+The engine is a loop over two parts (as vLLM v1 splits it):
+  - the Scheduler (generation/scheduler.py): requests, slots, budgets, the queue and the layout of
+    the KV cache, as Python numbers; it never calls the model. Its docstring draws the layout.
+  - the Runner (generation/runner.py): the only caller of the model; it owns the KV cache and runs
+    each Plan (cache moves, a prefill or a decode step, then the next-token step of each row).
+A step is schedule -> execute -> update, once per joining request and once for the decode.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+from camelid.generation.runner import Runner
+from camelid.generation.sampling import SamplingParams
+from camelid.generation.scheduler import EngineStopped, Event, Handle, QueueFull, Scheduler
+
+__all__ = ["Engine", "EngineStopped", "Event", "Handle", "QueueFull"]
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
+                 max_total_tokens: int | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model.eval()
+        self.config = model.config
+        self.context = min(context or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        self.max_batch, self.max_queue, self.max_total_tokens = max_batch, max_queue, max_total_tokens
+        self.scheduler = Scheduler(self.config.vocab_size, max_batch, max_queue, self.context, max_total_tokens)
+        self.runner = Runner(self.model, max_batch, self.context)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ the caller's side
+    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
+               min_tokens: int = 0, logprobs: int | None = None, emit: Callable[[Event], None] = lambda e: None,
+               constraint=None) -> Handle:
+        """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped."""
+        handle = self.scheduler.submit(prompt, max_tokens, params, eos_token_ids, min_tokens, logprobs, emit,
+                                       constraint)
+        self._wake.set()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """End a request at the next step (its slot is freed; it gets an "abort" event)."""
+        handle.cancelled = True
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.running
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def stats(self) -> dict:
+        return self.scheduler.stats
+
+    @property
+    def booked(self) -> int:
+        return self.scheduler.booked
+
+    @property
+    def accepting(self) -> bool:
+        return self.scheduler.accepting
+
+    _accepting = accepting  # the name camelid.serve read before the split
+
+    @property
+    def cache(self):
+        return self.runner.cache
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; finish the running and waiting ones (drain) or abort them."""
+        self.scheduler.accepting = False
+        if not drain:
+            for h in self.scheduler.all():
+                h.cancelled = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.runner.tp and self.runner.leader:
+            self.runner.stop_followers()
+
+    def follow(self) -> None:
+        """Ranks > 0 of a tensor-parallel engine: replay rank 0's operations until it stops."""
+        self.runner.follow()
+
+    # ------------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        while True:
+            if not self.running and self.waiting.empty():
+                if self._stop.is_set():
+                    return
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as e:  # a bug or an out-of-memory: fail the requests, keep serving
+                self.scheduler.fail_all(f"{type(e).__name__}: {e}")
+                self.runner.rows.clear()
+
+    def step(self) -> None:
+        """Free cancelled slots, let waiting requests join (each: schedule its prefill, run it,
+        take its first token), then one decode step for every running row."""
+        s, run = self.scheduler, self.runner
+        s.abort_cancelled()
+        s.compact()
+        while (plan := s.next_prefill()) is not None:
+            s.update(plan, run.execute(plan))
+        if (plan := s.next_decode()) is not None:
+            s.update(plan, run.execute(plan))
+
+    # ------------------------------------------------------------------ a blocking convenience
+    def generate(self, prompt: list[int], max_tokens: int, **kwargs) -> tuple[list[int], str]:
+        """Submit and wait: (tokens, finish_reason). The engine must be started."""
+        done = threading.Event()
+        out: list[int] = []
+        reason: list[str] = []
+
+        def emit(e: Event):
+            if e.token is not None:
+                out.append(e.token)
+            if e.finish_reason is not None:
+                reason.append(e.finish_reason if e.error is None else f"error: {e.error}")
+                done.set()
+
+        self.submit(prompt, max_tokens, emit=emit, **kwargs)
+        done.wait()
+        return out, reason[0]

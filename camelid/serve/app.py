@@ -1,0 +1,221 @@
+"""An OpenAI-compatible HTTP server on FastAPI + uvicorn, over the continuous-batching engine.
+
+    camelid serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K] [--max-batch 8] [--max-queue 64]
+
+Routes: GET /health (no key needed), GET /v1/models, POST /v1/completions, POST
+/v1/chat/completions (JSON, or server-sent events ending with `data: [DONE]` when "stream": true),
+GET /metrics (Prometheus text). Errors are OpenAI-shaped JSON, never a 500 for bad input:
+
+    400 the body is not JSON / not an object / nested too deep, or a field is invalid
+    401 missing or wrong API key (compared in constant time; every route but /health)
+    404 unknown route or model        413 body too large        429 queue full (Retry-After)
+    503 shutting down
+
+A client that disconnects has its requests cancelled: the engine frees their slots at its next
+step. On SIGTERM uvicorn stops accepting connections and the engine finishes what is running.
+
+protocol.py checks requests and shapes answers, stream.py turns engine events into responses;
+this file holds the routes and the program.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route annotations (Request) at runtime.
+
+import hmac
+import time
+
+from camelid.generation.engine import Engine
+from camelid.serve import protocol
+from camelid.serve.protocol import APIError
+from camelid.serve.stream import Server, respond
+
+
+def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 64, max_tokens_limit: int | None = None, context: int | None = None,
+               max_total_tokens: int | None = None):
+    from fastapi import FastAPI, Request
+
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context, max_total_tokens=max_total_tokens)
+    server = Server(engine, tokenizer, model_name, limit=max_tokens_limit or engine.context,
+                    vocab_size=model.config.vocab_size, eos=tokenizer.eos_token_ids)
+
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop(drain=True, timeout=30)
+
+    app = FastAPI(title="camelid", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        try:
+            if request.url.path != "/health" and api_key is not None:
+                check_key(request, api_key)
+            return await call_next(request)
+        except APIError as e:
+            return error(server, e)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return error(server, e)
+
+    @app.exception_handler(404)
+    async def not_found(request, e):
+        return error(server, APIError(404, f"no route {request.method} {request.url.path}", type="not_found_error"))
+
+    @app.exception_handler(405)
+    async def not_allowed(request, e):
+        return error(server, APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if engine._accepting else "shutting down"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(server.started),
+                                            "owned_by": "camelid"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await completion(server, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await chat_completion(server, request)
+
+    @app.get("/metrics")
+    async def metrics():
+        from fastapi.responses import PlainTextResponse
+
+        return PlainTextResponse(metrics_text(server), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+# ---------------------------------------------------------------------- what the routes do
+
+def check_key(request, api_key: str) -> None:
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), api_key.encode()):
+        raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", type="authentication_error")
+
+
+def error(server: Server, e: APIError):
+    from fastapi.responses import JSONResponse
+
+    server.counters["http_errors"] += 1
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def completion(server: Server, request):
+    body = await protocol.read_body(request)
+    protocol.check_model(body, server.model_name)
+    ids, lp = protocol.completion_request(body, server.tokenizer)
+    return await respond(server, request, body, ids, chat=False, logprobs=lp is not None, top_logprobs=lp or 0)
+
+
+async def chat_completion(server: Server, request):
+    body = await protocol.read_body(request)
+    protocol.check_model(body, server.model_name)
+    r = protocol.chat_request(body, server.tokenizer)
+    return await respond(server, request, body, r["prompt_ids"], chat=True, logprobs=r["logprobs"],
+                         top_logprobs=r["top_logprobs"], constraint=r["constraint"], tool_mode=r["tool_mode"])
+
+
+def metrics_text(server: Server) -> str:
+    """Prometheus' text format: the engine's queue, batch and counters, and the HTTP errors."""
+    engine, counters = server.engine, server.counters
+    s = engine.stats
+    lines = [
+        ("camelid_queue_depth", "gauge", "requests waiting for a slot", engine.waiting.qsize()),
+        ("camelid_running_sequences", "gauge", "sequences in the running batch", engine.running),
+        ("camelid_requests_total", "counter", "requests accepted by the engine", s["requests"]),
+        ("camelid_requests_finished_total", "counter", "requests ended by stop or length", s["finished"]),
+        ("camelid_requests_aborted_total", "counter", "requests cancelled (disconnect, stop string)", s["aborted"]),
+        ("camelid_generated_tokens_total", "counter", "tokens generated", s["tokens"]),
+        ("camelid_prompt_tokens_total", "counter", "prompt tokens prefilled", s["prompt_tokens"]),
+        ("camelid_time_to_first_token_seconds_sum", "counter", "summed time to first token", s["ttft_sum"]),
+        ("camelid_time_to_first_token_seconds_count", "counter", "requests with a first token", s["ttft_count"]),
+        ("camelid_engine_errors_total", "counter", "engine steps that failed", s["errors"]),
+        ("camelid_http_errors_total", "counter", "error responses", counters["http_errors"]),
+        ("camelid_client_disconnects_total", "counter", "clients that left mid-request", counters["disconnects"]),
+        ("camelid_generation_tokens_per_second", "gauge", "tokens generated per second since start",
+         s["tokens"] / max(time.time() - server.started, 1e-9)),
+    ]
+    return "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
+
+
+# ---------------------------------------------------------------------- the program
+
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
+          max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
+          max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
+          nproc: int = 1) -> None:
+    """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT.
+    nproc > 1: tensor parallel over that many processes; rank 0 serves, the others follow."""
+    options = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                   model_name=model_name, max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens,
+                   context=context)
+    if nproc > 1:
+        from camelid.distributed import launch
+        from camelid.transforms.tp import check_plan
+        from camelid.formats import checkpoint_config
+
+        if adapter is not None:
+            raise ValueError("--nproc serves a float model: merge the adapter first (camelid merge-lora)")
+        check_plan(checkpoint_config(model), nproc)
+        launch(_serve_rank, nproc, model, options, timeout=7 * 24 * 3600)
+        return
+    _serve(model, adapter=adapter, **options)
+
+
+def _serve_rank(rank, world, model, options):
+    from camelid.load import load_tensor_parallel
+
+    llm = load_tensor_parallel(model)
+    if rank == 0:
+        _serve(model, llm=llm, **options)
+    else:
+        Engine(llm, max_batch=options["max_batch"], context=options["context"]).follow()  # rank 0's cache shapes
+
+
+def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
+           max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
+           max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
+           llm=None) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise RuntimeError("camelid serve needs FastAPI and uvicorn: pip install 'camelid[serve]'")
+    import uvicorn
+
+    from camelid.text.tokenizer import Tokenizer
+
+    llm = _load_model(model, adapter, llm)
+    tokenizer = Tokenizer.from_pretrained(model)
+    name = model_name or (str(model) if model is not None else "smollm2-135m-instruct")
+    app = create_app(llm, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens, context=context)
+    engine = app.state.engine
+    print(f"camelid serve: {name}, {max_batch} slots x {engine.context} tokens of KV cache "
+          f"({engine.cache.nbytes() / 2**20:.0f} MiB)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+
+
+def _load_model(model, adapter=None, llm=None):
+    """The model to serve: `llm` when given, else `model` loaded; `adapter` attached, merged, and
+    the result packed for the CPU."""
+    from camelid.core.model import LlamaForCausalLM
+
+    if llm is None:
+        llm = LlamaForCausalLM.from_pretrained(model, pack=adapter is None)
+    if adapter is not None:
+        from camelid.transforms.lora import load_adapter, merge_and_unload
+        from camelid.transforms.packed import can_pack, pack
+
+        merge_and_unload(load_adapter(llm, adapter))
+        if can_pack(llm):
+            pack(llm)
+    return llm

@@ -1,0 +1,288 @@
+"""The OpenAI wire protocol, without the web framework: a request body -> checked generation
+parameters (every bad field an APIError naming it, never a 500), and the shapes of what comes
+back (messages, logprobs, usage, errors, server-sent event chunks).
+
+    400 the body is not JSON / not an object / nested too deep, or a field is invalid
+    404 unknown model        413 body too large
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from camelid.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from camelid.text import tool_calls as tools
+
+MAX_BODY = 1 << 20  # bytes
+MAX_DEPTH = 32  # JSON nesting
+MAX_N = 8
+MAX_STOP = 4  # stop strings, as OpenAI
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.headers = status, message, param, type, headers or {}
+
+    def body(self) -> dict:
+        """The OpenAI-shaped error object."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+
+
+# ---------------------------------------------------------------------- the body
+
+async def read_body(request) -> dict:
+    """The parsed JSON object of a request, read in chunks up to MAX_BODY bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise APIError(413, f"the body is larger than {MAX_BODY} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise APIError(413, f"the body is larger than {MAX_BODY} bytes")
+    return parse_body(bytes(raw))
+
+
+def _depth(x, limit: int) -> int:
+    """Nesting depth of parsed JSON, stopping at limit + 1 (iterative: no recursion to exhaust)."""
+    stack, deepest = [(x, 1)], 0
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"the JSON body is nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    if _depth(body, MAX_DEPTH) > MAX_DEPTH:
+        raise APIError(400, f"the JSON body is nested deeper than {MAX_DEPTH} levels")
+    return body
+
+
+# ---------------------------------------------------------------------- request fields
+
+def field(body, name, kinds, default=None, check=None, want=None):
+    """body[name], checked to be one of `kinds` (bool is not an int here) and to pass `check`."""
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise APIError(400, f"'{name}' must be {want or ' or '.join(k.__name__ for k in kinds)}, got {v!r:.80}", name)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise APIError(400, f"'{name}' must be a finite number, got {v}", name)
+    if check is not None and not check(v):
+        raise APIError(400, f"'{name}' must be {want}, got {v!r:.80}", name)
+    return v
+
+
+def check_model(body: dict, model_name: str) -> None:
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise APIError(400, "'model' is required and must be a string", "model")
+    if name != model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
+                       type="not_found_error")
+
+
+def sampling_fields(body: dict, vocab_size: int) -> tuple[SamplingParams, dict]:
+    """SamplingParams and the other generation fields of a (chat) completion request."""
+    num = (int, float)
+    temperature = field(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
+    top_p = field(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    freq = field(body, "frequency_penalty", num, 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+    pres = field(body, "presence_penalty", num, 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+    seed = field(body, "seed", (int,), None, lambda v: -(2**63) <= v < 2**63, "a 64-bit integer")
+    bias = field(body, "logit_bias", (dict,), None)
+    if bias is not None:
+        try:
+            bias = {int(k): float(v) for k, v in bias.items()}
+        except (TypeError, ValueError):
+            raise APIError(400, "'logit_bias' must map token ids to numbers", "logit_bias") from None
+        bad = [k for k, v in bias.items() if not 0 <= k < vocab_size or not -100 <= v <= 100]
+        if bad:
+            raise APIError(400, f"'logit_bias' has token {bad[0]} outside [0, {vocab_size}) or a bias outside "
+                                f"[-100, 100]", "logit_bias")
+    n = field(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOP
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    stream = field(body, "stream", (bool,), False)
+    options = field(body, "stream_options", (dict,), None)
+    include_usage = bool(options and options.get("include_usage"))
+    params = SamplingParams(do_sample=temperature > 0, temperature=temperature, top_p=top_p, frequency_penalty=freq,
+                            presence_penalty=pres, logit_bias=bias or None, seed=seed)
+    return params, {"n": n, "stop": stop or [], "stream": stream, "include_usage": include_usage}
+
+
+def max_tokens(body: dict, prompt_len: int, default: int, limit: int, context: int) -> int:
+    """max_completion_tokens (or max_tokens), at most `limit`, and fitting the context with the prompt."""
+    n = field(body, "max_completion_tokens", (int,), None)
+    n = field(body, "max_tokens", (int,), None) if n is None else n
+    n = default if n is None else n
+    if n < 1:
+        raise APIError(400, f"'max_tokens' must be at least 1, got {n}", "max_tokens")
+    if n > limit:
+        raise APIError(400, f"'max_tokens' {n} exceeds this server's limit {limit}", "max_tokens")
+    if prompt_len + n > context:
+        raise APIError(400, f"this model's context length is {context} tokens; the prompt has "
+                            f"{prompt_len} and max_tokens asks for {n} more", "max_tokens",
+                       type="context_length_exceeded")
+    return n
+
+
+def completion_request(body: dict, tokenizer) -> tuple[list[int], int | None]:
+    """/v1/completions: the prompt's token ids and the number of top logprobs (None: no logprobs)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "'prompt' is empty", "prompt")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = prompt
+    else:
+        raise APIError(400, "'prompt' must be a non-empty string or a list of token ids", "prompt")
+    if body.get("echo") or body.get("best_of", 1) not in (1, None) or body.get("suffix"):
+        raise APIError(400, "echo, best_of and suffix are not supported")
+    return ids, field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
+
+
+def chat_request(body: dict, tokenizer) -> dict:
+    """/v1/chat/completions: the rendered prompt's ids, logprobs, top_logprobs, the constraint
+    factory (response_format or a required tool call) and the tool mode (tool_choice, tools)."""
+    messages = _messages(body.get("messages"))
+    constraint = response_format(body.get("response_format"), tokenizer)
+    lp = field(body, "logprobs", (bool,), False)
+    top = field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
+                f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    try:
+        tool_list = tools.check_tools(body.get("tools"))
+        choice = tools.check_choice(body.get("tool_choice"), tool_list)
+        if choice != "none":
+            messages = tools.tool_messages(messages, tool_list, tokenizer.chat_template)
+    except (tools.ToolError, KeyError, TypeError, ValueError) as e:
+        raise APIError(400, f"tools: {e}", "tools")
+    if choice not in ("none", "auto"):  # a call is required: decode it under its JSON schema
+        if constraint is not None:
+            raise APIError(400, "response_format cannot be combined with a required tool call", "tool_choice")
+        constraint = response_format({"type": "json_schema",
+                                      "json_schema": {"schema": tools.call_schema(tool_list, choice)}}, tokenizer)
+    render_tools = tool_list if choice != "none" and tools.supports_tools(tokenizer.chat_template) else None
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=render_tools)
+    except ValueError as e:  # the template refused the conversation, or has no template
+        raise APIError(400, f"the chat template cannot render these messages: {e}", "messages")
+    return {"prompt_ids": ids, "logprobs": lp, "top_logprobs": top, "constraint": constraint,
+            "tool_mode": (choice, tool_list)}
+
+
+def _messages(messages) -> list:
+    """The checked messages: text content parts joined, "developer" read as "system"."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}].content parts must be text parts", f"messages[{i}].content")
+            m = dict(m, content="".join(p["text"] for p in content))
+            messages[i] = m
+        elif not isinstance(content, str) and not (m["role"] == "assistant" and content is None):
+            raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+        if m["role"] == "developer":
+            messages[i] = dict(m, role="system")
+    return messages
+
+
+def response_format(fmt, tokenizer):
+    """A factory of JsonConstraint for json_object / json_schema (one per choice), or None."""
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(400, "'response_format.type' must be text, json_object or json_schema", "response_format")
+    from camelid.generation.grammar import ConstraintError, JsonConstraint, compile_schema
+
+    schema = None
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError(400, "'response_format.json_schema.schema' must be a JSON schema object",
+                           "response_format")
+        schema = spec.get("schema", {})
+    try:
+        grammar = compile_schema(schema)
+        JsonConstraint(tokenizer, grammar=grammar)  # fails now, not in the engine thread
+    except ConstraintError as e:
+        raise APIError(400, str(e), "response_format")
+    return lambda: JsonConstraint(tokenizer, grammar=grammar)
+
+
+# ---------------------------------------------------------------------- response shapes
+
+def usage(prompt_len: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_len + completion_tokens}
+
+
+def chat_logprobs(tokenizer, events) -> dict:
+    """The chat logprobs object of engine events (each a token, its logprob and top logprobs)."""
+    def text(t):
+        return tokenizer.decode([t])
+
+    return {"content": [{"token": text(e.token), "logprob": e.logprob, "bytes": list(text(e.token).encode()),
+                         "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+                                          for t, lp in (e.top_logprobs or [])]} for e in events]}
+
+
+def text_logprobs(tokenizer, events) -> dict:
+    """The (legacy) completions logprobs object of engine events."""
+    def text(t):
+        return tokenizer.decode([t])
+
+    return {"tokens": [text(e.token) for e in events], "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{text(t): lp for t, lp in (e.top_logprobs or [])} for e in events],
+            "text_offset": []}
+
+
+def message(text: str, finish_reason: str | None, tool_mode) -> tuple[dict, str | None]:
+    """The chat message of a finished choice and its finish_reason: content, or tool_calls when
+    the answer is a call."""
+    choice, tool_list = tool_mode or ("none", [])
+    calls = None
+    if choice not in ("none", "auto") and finish_reason == "stop":
+        call = json.loads(text)  # decoded under the call's schema: it parses
+        calls = tools.as_tool_calls([call])
+    elif choice == "auto":
+        calls = tools.parse_tool_calls(text, tool_list)
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": text}, finish_reason
+
+
+def sse(data) -> str:
+    """One server-sent event."""
+    return "data: " + (data if isinstance(data, str) else json.dumps(data)) + "\n\n"
+
+
+DONE = sse("[DONE]")

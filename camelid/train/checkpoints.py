@@ -1,0 +1,144 @@
+"""Training checkpoints on disk: whole folders that appear at once, rotation that keeps the newest.
+
+    out/checkpoint-000040/    one checkpoint: weights or adapter, optimizer, scheduler, RNG, data position
+    out/.checkpoint-000050.<hex>.tmp/   a save in progress (a kill leaves it; cleanup() removes it)
+
+A save writes every file into a hidden temp folder, fsyncs each file and the folder, then renames
+the folder to its final name (one atomic rename) and fsyncs the parent. So a checkpoint folder
+either exists complete or not at all: a kill at any moment leaves the previous checkpoints as they
+were. Rotation runs only after the new folder is in place, and never removes the newest one.
+Under FSDP every rank writes its part into the same temp folder (writing_ranks), and the rename
+waits for all of them. rng.pt (rng-<rank>.pt under FSDP) holds the torch and CUDA generators.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from camelid.atomic import fsync_dir
+
+PREFIX = "checkpoint-"
+_NAME = re.compile(rf"{PREFIX}(\d+)")
+_TEMP = re.compile(rf"\.{PREFIX}\d+\.[0-9a-f]+\.(tmp|old)")
+
+
+def checkpoint_dir(out, step: int) -> Path:
+    return Path(out) / f"{PREFIX}{step:06d}"
+
+
+def checkpoints(out) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in `out`, oldest first."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _NAME.fullmatch(p.name))]
+    return sorted(found)
+
+
+def latest(out) -> Path | None:
+    found = checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def cleanup(out) -> list[Path]:
+    """Remove what an interrupted save left behind (temp folders); returns what was removed."""
+    out = Path(out)
+    removed = [p for p in out.iterdir() if _TEMP.fullmatch(p.name)] if out.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def fsync_tree(directory: Path) -> None:
+    for p in directory.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+@contextmanager
+def writing(out, step: int):
+    """`with writing(out, step) as tmp:` write the checkpoint's files into `tmp`; on a clean exit
+    the folder becomes out/checkpoint-<step> in one rename, on an exception it is removed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(out, step)
+    tmp = out / f".{final.name}.{secrets.token_hex(6)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if final.exists():  # the same step saved again (after a resume): swap, then drop the old one
+            old = out / f".{final.name}.{secrets.token_hex(6)}.old"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def writing_ranks(out, step: int, rank: int, world: int):
+    """writing() for a process group: rank 0 makes the temp folder and tells the others its name;
+    every rank writes its files into it, and it is renamed into place only after all have finished."""
+    if world == 1:
+        with writing(out, step) as tmp:
+            yield tmp
+        return
+    import torch.distributed as dist
+
+    if rank == 0:
+        with writing(out, step) as tmp:
+            dist.broadcast_object_list([str(tmp)], src=0)
+            yield tmp
+            dist.barrier()
+    else:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        yield Path(box[0])
+        dist.barrier()
+
+
+def save_rng(directory: Path, rank: int = 0, world: int = 1) -> None:
+    """This process's torch (and CUDA) generator states: rng.pt, or rng-<rank>.pt under FSDP."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    torch.save(rng, Path(directory) / ("rng.pt" if world == 1 else f"rng-{rank}.pt"))
+
+
+def load_rng(directory: Path, rank: int = 0) -> None:
+    """Restore the generators save_rng wrote: this rank's when the world size is the same, rank 0's
+    otherwise (dropout masks then differ from the saved run's)."""
+    directory = Path(directory)
+    rng_file = next(f for f in (directory / "rng.pt", directory / f"rng-{rank}.pt", directory / "rng-0.pt")
+                    if f.is_file())
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda:"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def rotate(out, keep: int | None, keep_also: Path | None = None) -> list[Path]:
+    """Keep the newest `keep` checkpoints (None: all) and `keep_also` (the one just written,
+    whatever its step); returns the removed folders."""
+    if keep is None:
+        return []
+    found = checkpoints(out)
+    doomed = [p for _, p in found[:-max(keep, 1)] if keep_also is None or p != Path(keep_also)]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
