@@ -2,8 +2,9 @@
 model built on the meta device. Nothing here knows the transforms: camelid/load.py composes them.
 
 hf.py         Hugging Face folders (config.json + safetensors / pytorch_model.bin)
-gguf.py       llama.cpp GGUF files (gguf_file.py: the checked parser; gguf_save.py: the writer)
-meta.py       Meta's original layout (params.json + consolidated.NN.pth)
+gguf.py       llama.cpp GGUF files (gguf_file.py: the checked parser; gguf_write.py: the writer)
+meta.py       Meta's original layout (params.json + consolidated.NN.pth; tokenizer_model.py: its
+              tokenizer.model, SentencePiece or tiktoken ranks)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ adjacent pairs, x[2i], x[2i+1]) matches HF's (which rotates halves, x[i], x[i + 
 
     per head, HF rows [r0 .. r(D/2-1) | s0 .. s(D/2-1)]  ->  GGUF rows [r0 s0 r1 s1 ...]
 
-Loading undoes that interleaving; saving (gguf_save.py) redoes it.
+Loading undoes that interleaving; saving (gguf_write.py) redoes it.
 
 save_gguf writes f32 / f16 / q8_0 files through the gguf package's GGUFWriter and quantizer, with
 llama.cpp's key names and types, the RoPE scaling GGUF can express (linear and yarn keys; static

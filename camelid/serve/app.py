@@ -205,17 +205,11 @@ def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str |
 
 
 def _load_model(model, adapter=None, llm=None):
-    """The model to serve: `llm` when given, else `model` loaded; `adapter` attached, merged, and
-    the result packed for the CPU."""
-    from camelid.core.model import LlamaForCausalLM
+    """The model to serve: `llm` when given (a tensor-parallel rank's shard), else `model` through
+    the one loader, with `adapter` merged in before the CPU packing."""
+    if llm is not None:
+        return llm
+    from camelid.hf_compat import LlamaForCausalLM
+    from camelid.load import load
 
-    if llm is None:
-        llm = LlamaForCausalLM.from_pretrained(model, pack=adapter is None)
-    if adapter is not None:
-        from camelid.transforms.lora import load_adapter, merge_and_unload
-        from camelid.transforms.packed import can_pack, pack
-
-        merge_and_unload(load_adapter(llm, adapter))
-        if can_pack(llm):
-            pack(llm)
-    return llm
+    return load(model, adapter=adapter, model_cls=LlamaForCausalLM)

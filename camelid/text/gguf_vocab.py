@@ -52,7 +52,7 @@ def gguf_tokenizer_backend(fields: dict):
     tokens = fields.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise ValueError("GGUF has no tokenizer.ggml.tokens vocabulary")
-    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError("GGUF tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
     vocab = {t: i for i, t in enumerate(tokens)}
