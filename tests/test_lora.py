@@ -13,7 +13,7 @@ import camelid.transforms.lora as lora
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.transforms.fuse import fuse, is_fused
 from camelid.transforms.lora import (LoRALinear, apply_lora, load_adapter, lora_layers, merge, merge_and_unload,
-                          print_trainable_parameters, save_adapter, unmerge)
+                                     print_trainable_parameters, save_adapter, unmerge)
 from camelid.transforms.packed import is_packed, pack
 from camelid.transforms.quantize import quantize
 

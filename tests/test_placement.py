@@ -9,7 +9,7 @@ import torch
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.formats.common import empty_model
 from camelid.transforms.placement import (PlacementError, check_device_map, dispatch, infer_device_map, parse_memory,
-                               plan_device_map, units)
+                                          plan_device_map, units)
 
 CUDA = torch.cuda.is_available()
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from camelid.generation.sampling import (
-    SamplingParams,
-    logprobs,
-    make_generator,
-    make_logits_processor,
-    make_sampler,
-)
+                                         SamplingParams,
+                                         logprobs,
+                                         make_generator,
+                                         make_logits_processor,
+                                         make_sampler,
+                                         )
 
 hf = pytest.importorskip("transformers.generation.logits_process")  # the oracle
 

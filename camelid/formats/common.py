@@ -21,6 +21,32 @@ class CheckpointError(ValueError):
     """A checkpoint's files or tensors do not match its config. The message names them."""
 
 
+class NameMap:
+    """One format's tensor names <-> the Hugging Face names, from one plain table (torchtune's
+    convert_weights.py style): {"blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    ...}, {i} the layer number. Both directions come from the same table, so they cannot disagree."""
+
+    def __init__(self, table: dict[str, str]):
+        self.table = table
+        compile_ = lambda t: re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$")  # noqa: E731
+        self._to_hf = [(compile_(ours), hf) for ours, hf in table.items()]
+        self._from_hf = [(compile_(hf), ours) for ours, hf in table.items()]
+
+    @staticmethod
+    def _lookup(patterns, name: str) -> str | None:
+        for pattern, template in patterns:
+            m = pattern.match(name)
+            if m:
+                return template.format(i=m.group(1)) if m.groups() else template
+        return None
+
+    def to_hf(self, name: str) -> str | None:
+        return self._lookup(self._to_hf, name)
+
+    def from_hf(self, name: str) -> str | None:
+        return self._lookup(self._from_hf, name)
+
+
 def resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
     """None -> float32; "auto" -> the config's torch_dtype; a name or a floating torch dtype."""
     if dtype is None:

@@ -15,7 +15,6 @@ of a model loaded from a GGUF, pass tokenizer=<that GGUF's path>.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,8 @@ from gguf.quants import dequantize
 
 from camelid.core.config import LlamaConfig
 from camelid.core.model import LlamaForCausalLM
-from camelid.formats.common import (assign, check_names_and_shapes, column_major, device_of, empty_model, finish,
-    resolve_dtype)
+from camelid.formats.common import (NameMap, assign, check_names_and_shapes, column_major, device_of, empty_model, finish,
+                                    resolve_dtype)
 from camelid.formats.gguf_file import GGUFError, GGUFFile
 
 # One mapping table: GGUF tensor name -> HF name ({i} = layer index).
@@ -51,7 +50,7 @@ TENSOR_NAMES = {
     "blk.{i}.ffn_up.bias": "model.layers.{i}.mlp.up_proj.bias",
     "blk.{i}.ffn_down.bias": "model.layers.{i}.mlp.down_proj.bias",
 }
-_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in TENSOR_NAMES.items()]
+NAMES = NameMap(TENSOR_NAMES)
 IGNORED = {"rope_freqs.weight"}  # folded into the config's rope scaling, see gguf_config
 
 # ggml types we dequantize (the K-quants and legacy quants through the gguf package's numpy code)
@@ -60,19 +59,14 @@ SUPPORTED_TYPES = {t for t in GGMLQuantizationType if t.name in (
 
 
 def hf_name(gguf_name: str) -> str | None:
-    for pattern, template in _PATTERNS:
-        m = pattern.match(gguf_name)
-        if m:
-            return template.format(i=m.group(1)) if m.groups() else template
-    return None
+    return NAMES.to_hf(gguf_name)
 
 
 def gguf_name(hf: str) -> str:
-    for g, template in TENSOR_NAMES.items():
-        m = re.match("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$", hf)
-        if m:
-            return g.format(i=m.group(1)) if m.groups() else g
-    raise KeyError(f"no GGUF name for tensor {hf!r}")
+    name = NAMES.from_hf(hf)
+    if name is None:
+        raise KeyError(f"no GGUF name for tensor {hf!r}")
+    return name
 
 
 def permute_for_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from camelid.core.config import LlamaConfig
 from camelid.atomic import fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
 from camelid.core.model import LlamaForCausalLM
 from camelid.formats.common import (CheckpointError, assign, check_names_and_shapes, device_of, dtype_name,
-    empty_model, finish, list_names, load_torch_state, resolve_dtype)
+                                    empty_model, finish, list_names, load_torch_state, resolve_dtype)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

@@ -42,7 +42,7 @@ import torch
 from camelid.core.config import ConfigError, LlamaConfig
 from camelid.core.model import LlamaForCausalLM
 from camelid.formats.common import (DTYPES, CheckpointError, assign, check_names_and_shapes, device_of, dtype_name,
-    empty_model, finish, list_names, load_torch_state, natural_key, resolve_dtype)
+                                    empty_model, finish, list_names, load_torch_state, natural_key, resolve_dtype)
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
