@@ -41,8 +41,9 @@ import torch
 
 from camelid.core.config import ConfigError, LlamaConfig
 from camelid.core.model import LlamaForCausalLM
-from camelid.formats.common import (DTYPES, CheckpointError, assign, check_names_and_shapes, device_of, dtype_name,
-                                    empty_model, finish, list_names, load_torch_state, natural_key, resolve_dtype)
+from camelid.formats.common import (DTYPES, CheckpointError, NameMap, assign, check_names_and_shapes, device_of,
+                                    dtype_name, empty_model, finish, list_names, load_torch_state, natural_key,
+                                    resolve_dtype)
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -63,8 +64,7 @@ TENSOR_NAMES = {
     "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
-_TO_HF = [(re.compile("^" + re.escape(m).replace(r"\{i\}", r"(\d+)") + "$"), h) for m, h in TENSOR_NAMES.items()]
-_TO_META = [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), m) for m, h in TENSOR_NAMES.items()]
+NAMES = NameMap(TENSOR_NAMES)
 DROPPED = {"rope.freqs"}  # Llama 1/2 stored the RoPE frequencies; recomputed from the config
 
 # How model parallelism split each tensor: the dim the shards are joined on, None = replicated.
@@ -93,19 +93,11 @@ DEFAULT_MAX_SEQ_LEN, SCALED_ROPE_MAX_SEQ_LEN = 2048, 131072
 # ---------------------------------------------------------------------- names and layout
 
 def hf_name(meta_name: str) -> str | None:
-    for pattern, template in _TO_HF:
-        m = pattern.match(meta_name)
-        if m:
-            return template.format(i=m.group(1)) if m.groups() else template
-    return None
+    return NAMES.to_hf(meta_name)
 
 
 def meta_name(hf: str) -> str | None:
-    for pattern, template in _TO_META:
-        m = pattern.match(hf)
-        if m:
-            return template.format(i=m.group(1)) if m.groups() else template
-    return None
+    return NAMES.from_hf(hf)
 
 
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
