@@ -119,6 +119,14 @@ def test_moving_a_packed_model_off_the_cpu_or_to_float16_is_a_clear_error():
         model.to(torch.float16)
 
 
+def test_bfloat16_is_left_unpacked_where_onednn_cannot_run_it(monkeypatch):
+    monkeypatch.setattr(packed, "bf16_supported", lambda: False)
+    model = tiny(dtype=torch.bfloat16)
+    assert not packed.can_pack(model) and not packed.is_packed(packed.pack(model))
+    assert packed.can_pack(tiny())  # float32 packs on any x86 CPU
+
+
+@pytest.mark.skipif(not packed.bf16_supported(), reason="oneDNN bfloat16 needs AVX-512 or AVX-NE-CONVERT")
 def test_bfloat16_packs_too():
     model = tiny(dtype=torch.bfloat16)
     ids = torch.randint(0, 96, (2, 7))

@@ -107,9 +107,16 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
+def bf16_supported() -> bool:
+    """oneDNN's bfloat16 linear needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU
+    its weight reorder fails, so bfloat16 models stay unpacked there."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def can_pack(model: nn.Module) -> bool:
     p = next(model.parameters())
-    return available() and p.device.type == "cpu" and p.dtype in PACKED_DTYPES
+    return (available() and p.device.type == "cpu" and p.dtype in PACKED_DTYPES
+            and (p.dtype != torch.bfloat16 or bf16_supported()))
 
 
 def pack(model: nn.Module) -> nn.Module:
