@@ -8,13 +8,12 @@ from camelid.core.cache import Int8KVCache, KVCache
 from camelid.core.config import ConfigError, LlamaConfig
 from camelid.core.model import CausalLMOutput, LlamaModel
 from camelid.formats import CheckpointError
-from camelid.hf_compat import LlamaForCausalLM, load_pretrained
+from camelid.hf_compat import LlamaForCausalLM, TextStreamer, load_pretrained
 
 _LAZY = {
     "Tokenizer": "camelid.text.tokenizer",
     "generate_tokens": "camelid.generation.generate",
     "generate": "camelid.generation.generate",
-    "TextStreamer": "camelid.generation.generate",
     "SamplingParams": "camelid.generation.sampling",
 }
 

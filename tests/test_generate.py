@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from camelid import KVCache, LlamaConfig, LlamaForCausalLM
-from camelid.generation.generate import TextStreamer, generate, generate_tokens
+from camelid import TextStreamer
+from camelid.generation.generate import generate, generate_tokens
 from camelid.generation.sampling import SamplingParams
 
 
