@@ -79,8 +79,8 @@ def main():
     transformers.logging.disable_progress_bar()
 
     from camelid import LlamaForCausalLM
-    from camelid.generation.generate import generate_tokens
     from camelid.formats.hub import pull
+    from camelid.generation.generate import generate_tokens
     from camelid.generation.speculative import SpeculativeStats, rows_invariant, speculative_tokens
     from camelid.text.tokenizer import Tokenizer
 

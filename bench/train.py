@@ -53,8 +53,8 @@ def main():
     from camelid import LlamaForCausalLM
     from camelid.core.accounting import flops
     from camelid.formats.hub import pull
-    from camelid.transforms.lora import apply_lora
     from camelid.train.trainer import peak_matmul_flops
+    from camelid.transforms.lora import apply_lora
 
     path = pull()
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,8 @@ import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.generation.engine import Engine, EngineStopped, QueueFull
-from camelid.transforms.packed import can_pack, pack
 from camelid.generation.sampling import SamplingParams
+from camelid.transforms.packed import can_pack, pack
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
-from camelid.train import checkpoints
 from camelid.cli import main
+from camelid.train import checkpoints
 from camelid.transforms.lora import load_adapter
 
 FACTS = [("What is the capital of Zorbania?", "The capital of Zorbania is Quillmont."),

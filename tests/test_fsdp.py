@@ -14,10 +14,10 @@ import torch
 
 from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.distributed import launch
-from camelid.transforms.lora import lora_state_dict
 from camelid.text.tokenizer import Tokenizer
 from camelid.train.finetune import finetune
 from camelid.train.trainer import ResumeError, Trainer, TrainConfig
+from camelid.transforms.lora import lora_state_dict
 
 pytestmark = pytest.mark.slow
 

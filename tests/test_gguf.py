@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from camelid import LlamaForCausalLM
 from camelid.core.config import LlamaConfig
 from camelid.formats import gguf_write as S
 from camelid.formats.gguf import load_gguf
-from camelid.text.gguf_vocab import save_gguf, tokenizer_gguf_fields
 from camelid.formats.gguf_file import GGUFError, GGUFFile
-from camelid import LlamaForCausalLM
+from camelid.text.gguf_vocab import save_gguf, tokenizer_gguf_fields
 
 @pytest.fixture(scope="module")
 def real_gguf(smollm2_gguf) -> Path:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from camelid.formats import hub
 from camelid.cli import main
+from camelid.formats import hub
 
 
 def test_pull_reuses_a_verified_cache(smollm2_gguf, monkeypatch):

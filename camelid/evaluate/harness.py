@@ -35,10 +35,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from camelid.generation.generate import generate_tokens
 from camelid.formats.hub import DEFAULT_MODEL
-from camelid.hf_compat import LlamaForCausalLM
+from camelid.generation.generate import generate_tokens
 from camelid.generation.sampling import SamplingParams
+from camelid.hf_compat import LlamaForCausalLM
 from camelid.text.tokenizer import Tokenizer
 
 # gen_kwargs a task may set besides until / max_gen_toks / do_sample / temperature

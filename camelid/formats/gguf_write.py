@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from camelid.core.config import LlamaConfig
 from camelid.atomic import fsync_dir
+from camelid.core.config import LlamaConfig
 from camelid.core.model import LlamaForCausalLM
 from camelid.formats.gguf import gguf_name, permute_for_gguf
 

@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from camelid.core.config import LlamaConfig
 from camelid.atomic import fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
+from camelid.core.config import LlamaConfig
 from camelid.core.model import LlamaForCausalLM
 from camelid.formats.common import (CheckpointError, assign, check_names_and_shapes, device_of, dtype_name,
                                     empty_model, finish, list_names, load_torch_state, resolve_dtype)

@@ -160,8 +160,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                    context=context)
     if nproc > 1:
         from camelid.distributed import launch
-        from camelid.transforms.tp import check_plan
         from camelid.formats import checkpoint_config
+        from camelid.transforms.tp import check_plan
 
         if adapter is not None:
             raise ValueError("--nproc serves a float model: merge the adapter first (camelid merge-lora)")
