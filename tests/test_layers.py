@@ -26,7 +26,7 @@ LAYERS = [
     ["hf_compat"],                               # transformers' surface on the model
     ["serve", "train", "evaluate", "export"],   # the libraries behind the programs
     ["commands"],                                # one file per CLI program
-    ["cli", "__init__", "__main__"],             # the dispatcher and the package's front door
+    ["cli", "__init__"],                         # the dispatcher and the package's front door
 ]
 RANK = {name: (i, name) for i, names in enumerate(LAYERS) for name in names}
 
