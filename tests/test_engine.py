@@ -150,3 +150,40 @@ def test_total_token_limit(model):
     engine.start()
     engine.stop(drain=True)
     assert engine.booked == 0 and engine.stats["finished"] == 2
+
+
+@pytest.mark.parametrize("bad", [
+    SamplingParams(do_sample=True, temperature=1e-3, logit_bias={5: 1e38}),  # logits overflow to inf: NaN probs
+    SamplingParams(do_sample=True, temperature=0.5, logit_bias={5: 3e38, 6: 3e38}),
+], ids=["bias-over-temperature", "two-huge-biases"])
+def test_a_request_whose_sampling_fails_ends_alone(model, bad):
+    """Issue 19, finding 2: one request's sampling values that make its distribution non-finite
+    end that request with "error"; the requests decoding beside it finish as they would alone."""
+    ps = prompts(5, seed=3)
+    engine = Engine(model, max_batch=6).start()
+    try:
+        jobs = [(p, 12, {}) for p in ps[:4]] + [(ps[4], 12, {"params": bad})]
+        results = run_all(engine, jobs, stagger=0.0)
+        for p, (tokens, reason) in zip(ps[:4], results[:4]):
+            assert tokens == alone(model, p, 12) and reason == "length"
+        tokens, reason = results[4]
+        assert reason.startswith("error") and "non-finite" in reason
+        (tokens, reason), = run_all(engine, [(ps[0], 5, {})])  # the engine keeps serving
+        assert tokens == alone(model, ps[0], 5) and reason == "length"
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("t", [1e-39, 5e-324, 1e-6])
+def test_a_vanishing_temperature_decodes_greedily(model, t):
+    """A temperature under 1e-5 (a subnormal one included) is greedy decoding, as in vLLM: logits / t
+    would overflow to inf, and the distribution is the argmax's to within float32 anyway."""
+    p = prompts(1, seed=4)[0]
+    assert SamplingParams(do_sample=True, temperature=t).greedy
+    assert alone(model, p, 8, do_sample=True, temperature=t, seed=1) == alone(model, p, 8)
+    engine = Engine(model, max_batch=2).start()
+    try:
+        (tokens, reason), = run_all(engine, [(p, 8, {"params": SamplingParams(do_sample=True, temperature=t)})])
+        assert tokens == alone(model, p, 8) and reason == "length"
+    finally:
+        engine.stop()

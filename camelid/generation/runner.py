@@ -60,7 +60,15 @@ class Runner:
                                      torch.tensor([len(h.prompt)], device=logits.device))
         else:
             logits = self.decode([h.generated[-1] for h in plan.rows], plan.starts, plan.t)
-        return [self._next(h, logits[i:i + 1]) for i, h in enumerate(plan.rows)]
+        return [self._next_isolated(h, logits[i:i + 1]) for i, h in enumerate(plan.rows)]
+
+    def _next_isolated(self, h: Handle, logits: torch.Tensor) -> Event:
+        """One row's token, or an error Event for that row alone: a request's own sampling values
+        (say, a distribution they make non-finite) must never fail the other rows of the step."""
+        try:
+            return self._next(h, logits)
+        except (ValueError, RuntimeError) as e:
+            return Event(finish_reason="error", error=f"{type(e).__name__}: {e}")
 
     def _next(self, h: Handle, logits: torch.Tensor) -> Event:
         row = self.rows[h.slot]

@@ -53,6 +53,9 @@ _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 # Parameters
 # ---------------------------------------------------------------------------------------------
 
+MIN_TEMPERATURE = 1e-5  # below it (0 included), sampling is greedy decoding
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -129,7 +132,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        """Greedy when not sampling, or at a temperature under MIN_TEMPERATURE: there the sampled
+        distribution is the argmax's to within float32 (and logits / t would overflow), so it is
+        decoded as greedy, as vLLM does below its _SAMPLING_EPS of 1e-5."""
+        return not self.do_sample or self.temperature < MIN_TEMPERATURE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +366,9 @@ def make_sampler(params: SamplingParams) -> Sampler:
 
     def sample(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = logits.float().softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # multinomial's own error names no cause
+            raise ValueError("the sampling values make the next-token distribution non-finite (a logit "
+                             "overflowed after temperature and logit_bias): lower logit_bias or raise temperature")
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return sample
 

@@ -251,6 +251,9 @@ class Scheduler:
                 self._accept(h, event)
 
     def _accept(self, h: Handle, event: Event) -> None:
+        if event.error is not None:  # this row's own step failed (runner._next_isolated)
+            self.finish(h, "error", error=event.error)
+            return
         token = event.token
         if h.constraint is not None:
             try:
