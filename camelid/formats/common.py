@@ -3,6 +3,7 @@ model on the meta device and assigning checkpoint tensors into it without extra 
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from camelid.core.accounting import parameter_count
 from camelid.core.config import LlamaConfig
 from camelid.core.model import LlamaForCausalLM
 
@@ -136,10 +138,36 @@ class SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+MIN_BYTES_PER_PARAMETER = 0.5  # 4-bit weights: the least any loader keeps per parameter
+
+
+def machine_bytes() -> int:
+    """Memory this process could put weights in: the RAM, plus every CUDA device's."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if torch.cuda.is_available():
+        total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return total
+
+
+def check_fits(config: LlamaConfig) -> None:
+    """Refuse, before anything is built, a config whose weights cannot fit this machine even at 4
+    bits a parameter (a 300-byte config.json or a small GGUF can ask for 10^8 layers: building
+    that on the meta device alone would run for hours). Arithmetic on the config, no allocation."""
+    need = parameter_count(config) * MIN_BYTES_PER_PARAMETER
+    have = machine_bytes()
+    if need > have:
+        raise CheckpointError(
+            f"the config asks for {parameter_count(config):,} parameters (num_hidden_layers="
+            f"{config.num_hidden_layers}, hidden_size={config.hidden_size}, intermediate_size="
+            f"{config.intermediate_size}, vocab_size={config.vocab_size}): at least {need / 2**30:,.1f} GiB of "
+            f"weights, more than this machine's {have / 2**30:,.1f} GiB of memory")
+
+
 def empty_model(config: LlamaConfig, model_cls=None) -> tuple[LlamaForCausalLM, dict[str, tuple[int, ...]]]:
     """The model on the meta device (no memory, no init) and the tensors a checkpoint must supply:
     name -> shape, without lm_head.weight when it is tied to the embeddings. model_cls: the class
     to build (camelid.hf_compat's LlamaForCausalLM, or a subclass of the core one)."""
+    check_fits(config)
     with torch.device("meta"), SkipInit():
         model = (model_cls or LlamaForCausalLM)(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
