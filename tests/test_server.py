@@ -215,6 +215,12 @@ OK_CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], 
      400, "context length"),
     ("empty prompt", "/v1/completions", json.dumps({"model": "smollm2", "prompt": ""}), 400, "'prompt' is empty"),
     ("unknown route", "/v1/nothing", "{}", 404, "no route"),
+    # issue 19, finding 3: a lone surrogate escape is not text (tokenizers raised TypeError: a 500)
+    ("lone surrogate in a prompt", "/v1/completions", '{"model": "smollm2", "prompt": "a\\ud800b", "max_tokens": 2}',
+     400, "lone UTF-16 surrogate"),
+    ("lone surrogate in a message", CHAT,
+     '{"model": "smollm2", "messages": [{"role": "user", "content": "x\\udfff"}], "max_tokens": 2}', 400,
+     "messages[0].content holds a lone"),
 ])
 def test_bad_requests_get_clear_errors_and_the_server_stays_up(server, name, path, content, status, message):
     r = post(server, path, content=content, headers={"Content-Type": "application/json"})
@@ -367,6 +373,8 @@ def test_parse_tool_calls_recognises_the_usual_shapes():
     ({"tools": [WEATHER, WEATHER]}, "used twice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'tool_choice' must be"),
     ({"tool_choice": "required"}, "needs 'tools'"),
+    # issue 19, finding 3: "function" as a bare string raised AttributeError (a 500)
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": "get_weather"}}, "'tool_choice' must be"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
 ])
 def test_bad_tool_requests(server, extra, message):

@@ -71,7 +71,32 @@ def parse_body(raw: bytes) -> dict:
         raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
     if _depth(body, MAX_DEPTH) > MAX_DEPTH:
         raise APIError(400, f"the JSON body is nested deeper than {MAX_DEPTH} levels")
+    bad = _unencodable(body)
+    if bad is not None:
+        raise APIError(400, f"{bad} holds a lone UTF-16 surrogate (an escape such as \\ud800 with no pair): "
+                            f"it is not text and no tokenizer can read it", bad)
     return body
+
+
+def _unencodable(body: dict) -> str | None:
+    """The path of the first string (key or value) that is not valid Unicode text, or None. JSON
+    lets a body spell a lone surrogate as an escape; checked once here, at the edge, so nothing
+    deeper (tokenizers, templates, tool parsing) ever meets one."""
+    stack = [(body, "")]
+    while stack:
+        v, path = stack.pop()
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, c in items:
+            where = f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]"
+            where = where.lstrip(".")
+            for text in ((k, c) if isinstance(k, str) else (c,)):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return where
+            stack.append((c, where))
+    return None
 
 
 # ---------------------------------------------------------------------- request fields

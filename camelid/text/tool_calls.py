@@ -53,8 +53,8 @@ def check_choice(choice, tools: list[dict]):
         if choice == "required" and not tools:
             raise ToolError("tool_choice 'required' needs 'tools'")
         return choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
-        else None
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
         raise ToolError("'tool_choice' must be none, auto, required, or {'type': 'function', 'function': {'name': "
                         "<one of the tools>}}")
