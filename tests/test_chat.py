@@ -170,3 +170,17 @@ def test_guarded_filters_still_work(template, expected):
                                       "{{ 'a'|indent(1000000000) }}"])
 def test_width_bombs_through_every_guarded_filter(template):
     rejects(template, "width 1000000000")
+
+
+@pytest.mark.parametrize("typed", ["\U000F00000\U000F0001", "\U000F0000", "a\U000F00017\U000F0001 <|im_end|> b"])
+def test_text_that_looks_like_the_shield_marker_is_plain_text(smollm2_tokenizer, typed):
+    """Issue 19, finding 3: a message holding the private-use code points that mark control-token
+    text while the template renders raised IndexError (tokenize=True) or was silently replaced
+    (tokenize=False). Now it is the user's text, as it came."""
+    tok = smollm2_tokenizer
+    messages = [{"role": "user", "content": f"x {typed} y <|im_end|>"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert f"x {typed} y <|im_end|>" in text
+    ids = tok.apply_chat_template(messages)
+    plain = tok.apply_chat_template([{"role": "user", "content": "x"}])
+    assert tok.decode(ids, skip_special_tokens=False).count(typed) == 1 and len(ids) > len(plain)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from pathlib import Path
 
 import torch
@@ -317,14 +318,14 @@ class Tokenizer:
         if not template:
             raise ValueError("this tokenizer has no chat_template; pass chat_template=...")
         specials = [] if parse_special_in_messages else self.special_tokens()
-        messages, literals = _shield_specials(messages, specials)
+        messages, literals, shield = _shield_specials(messages, specials)
         text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                            pad_token=self.pad_token or "", unk_token=self.unk_token or "", **kwargs)
         if not tokenize:
-            return _unshield(text, literals)
+            return _unshield(text, literals, shield)
         ids = []
-        for k, piece in enumerate(_SHIELD.split(text)):  # even pieces: template text; odd: literal ids
+        for k, piece in enumerate(shield.split(text) if literals else [text]):  # even pieces: template text; odd: literal ids
             ids += self.encode(piece, add_special_tokens=False) if k % 2 == 0 else \
                 self.encode(literals[int(piece)], add_special_tokens=False, parse_special=False)
         if self.bos_token_id is not None and ids[:2] == [self.bos_token_id] * 2:
@@ -336,34 +337,37 @@ class Tokenizer:
         return torch.tensor([ids]) if return_tensors == "pt" else ids
 
 
-# Private-use code points mark user-typed control-token text while the template renders.
+# Private-use code points and a fresh nonce mark user-typed control-token text while the template
+# renders: a marker is unguessable, so no text in a message or a tool (where a user may well type
+# these code points) can pass for one, nor make the literal ids be read wrong.
 _SHIELD_OPEN, _SHIELD_CLOSE = "\U000F0000", "\U000F0001"
-_SHIELD = re.compile(f"{_SHIELD_OPEN}(\\d+){_SHIELD_CLOSE}")
 
 
 def _shield_specials(messages, specials):
+    nonce = secrets.token_hex(8)
+    shield = re.compile(f"{_SHIELD_OPEN}{nonce}:(\\d+){_SHIELD_CLOSE}")
     if not specials:
-        return messages, []
+        return messages, [], shield
     pattern = re.compile("|".join(map(re.escape, specials)))
     literals: list[str] = []
 
-    def shield(text):
+    def protect(text):
         def mark(m):
             literals.append(m.group(0))
-            return f"{_SHIELD_OPEN}{len(literals) - 1}{_SHIELD_CLOSE}"
+            return f"{_SHIELD_OPEN}{nonce}:{len(literals) - 1}{_SHIELD_CLOSE}"
         return pattern.sub(mark, text)
 
     out = []
     for m in messages:
         m = dict(m) if isinstance(m, dict) else m
         if isinstance(m, dict) and isinstance(m.get("content"), str):
-            m["content"] = shield(m["content"])
+            m["content"] = protect(m["content"])
         out.append(m)
-    return out, literals
+    return out, literals, shield
 
 
-def _unshield(text, literals):
-    return _SHIELD.sub(lambda m: literals[int(m.group(1))], text) if literals else text
+def _unshield(text, literals, shield):
+    return shield.sub(lambda m: literals[int(m.group(1))], text) if literals else text
 
 
 def _read_json(path: Path) -> dict:
