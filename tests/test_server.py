@@ -319,6 +319,16 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
 
 
+@pytest.mark.parametrize("stop", [['"'], [","], ["}"]])
+def test_stop_strings_do_not_cut_a_forced_tool_call(client, stop):
+    """Issue 19, finding 3: a stop string inside a required call cut it and the server parsed the
+    truncated JSON (a 500). A forced call is decoded under its schema, which ends it."""
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0, stop=stop)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and set(json.loads(call.function.arguments)) == {"city", "unit"}
+
+
 @pytest.mark.parametrize("tool_choice, name", [("required", None), ({"type": "function", "function": {"name": "get_time"}},
                                                                     "get_time")])
 def test_required_tool_calls_are_well_formed(client, tool_choice, name):

@@ -225,6 +225,8 @@ async def respond(server: Server, request, body: dict, prompt_ids, chat: bool, l
     from fastapi.responses import JSONResponse, StreamingResponse
 
     params, opts = protocol.sampling_fields(body, server.vocab_size)
+    if tool_mode is not None and tool_mode[0] not in ("none", "auto"):
+        opts["stop"] = []  # a forced call is decoded under its schema, which ends it: a stop string would cut it
     context = server.engine.context
     n_tokens = protocol.max_tokens(body, len(prompt_ids), default=context - len(prompt_ids) if chat else 16,
                                    limit=server.limit, context=context)
