@@ -184,3 +184,38 @@ def test_text_that_looks_like_the_shield_marker_is_plain_text(smollm2_tokenizer,
     ids = tok.apply_chat_template(messages)
     plain = tok.apply_chat_template([{"role": "user", "content": "x"}])
     assert tok.decode(ids, skip_special_tokens=False).count(typed) == 1 and len(ids) > len(plain)
+
+
+def test_list_form_chat_templates_render_as_transformers_does(smollm2_tokenizer, tmp_path):
+    """Issue 19, finding 11: tokenizer_config.json's list form [{"name": ..., "template": ...}] (as several
+    published models ship) raised TypeError. The "default" one renders, "tool_use" when tools are given,
+    a name picks one, and saving writes the list back; transformers renders the same text."""
+    transformers = pytest.importorskip("transformers")
+    from camelid import Tokenizer
+
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    default = config["chat_template"]
+    tool_use = "TOOLS {{ (tools or []) | length }} " + default
+    config["chat_template"] = [{"name": "default", "template": default}, {"name": "tool_use", "template": tool_use}]
+    config_path.write_text(json.dumps(config))
+    ours, theirs = Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "Hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for kwargs in ({}, {"tools": tools}, {"chat_template": "tool_use"}):
+        text = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    assert ours.apply_chat_template(messages, tokenize=False, tools=tools).startswith("TOOLS 1")
+    again = tmp_path / "again"
+    ours.save_pretrained(again)
+    assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == config["chat_template"]
+
+
+@pytest.mark.parametrize("bad", [5, ["not a dict"], [{"name": "default"}]])
+def test_a_chat_template_that_is_not_text_is_named(smollm2_tokenizer, bad):
+    """Issue 19, finding 10: a non-string chat template is an error naming chat_template."""
+    from camelid import Tokenizer
+
+    with pytest.raises(ValueError, match="chat_template must be a string or a list"):
+        Tokenizer(smollm2_tokenizer.backend, chat_template=bad)

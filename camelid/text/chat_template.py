@@ -156,3 +156,35 @@ def render_chat(template: str, messages, add_generation_prompt: bool = False, to
     finally:
         sys.settrace(previous)
     return "".join(out)
+
+
+def named_templates(value) -> dict[str, str]:
+    """A tokenizer's chat_template as {name: template}: a string is the "default" one; a list of
+    {"name": ..., "template": ...} (as several published models ship tokenizer_config.json) or a
+    dict keeps its names. Anything else is a ValueError naming the field."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise ValueError(f"chat_template must be a string or a list of {{'name': ..., 'template': ...}}, "
+                     f"got {type(value).__name__}")
+
+
+def pick_template(templates: dict[str, str], chosen: str | None = None, tools=None) -> str:
+    """Which template renders, as transformers picks it: `chosen` (a template's text, or one of the
+    names), else "tool_use" when tools are given and there is one, else "default"."""
+    if chosen is not None:
+        return templates.get(chosen, chosen)
+    if tools and "tool_use" in templates:
+        return templates["tool_use"]
+    if "default" in templates:
+        return templates["default"]
+    if not templates:
+        raise ValueError("this tokenizer has no chat_template; pass chat_template=...")
+    raise ValueError(f"this tokenizer has several chat templates ({', '.join(templates)}) and none is named "
+                     f"'default': pass chat_template=<one of the names>")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from camelid.text.backends import HFTokenizers, SentencePiece, Tiktoken, tokenizer_model
+from camelid.text.chat_template import named_templates, pick_template, render_chat
 from camelid.text.gguf_vocab import gguf_tokenizer_backend
 
 # ---------------------------------------------------------------------- the tokenizer
@@ -48,13 +49,14 @@ def _token_text(value):
 class Tokenizer:
     def __init__(self, backend, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, unk_token: str | None = None, add_bos_token: bool = False,
-                 add_eos_token: bool = False, chat_template: str | None = None,
+                 add_eos_token: bool = False, chat_template: str | list | dict | None = None,
                  extra_eos_token_ids=(), padding_side: str = "left", model_max_length: int | None = None):
         self.backend = backend
         self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
         self._pad_token = pad_token
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
-        self.chat_template = chat_template
+        self.chat_templates = named_templates(chat_template)  # {name: template}
+        self.chat_template = self.chat_templates.get("default")
         self._extra_eos = [i for i in extra_eos_token_ids if i is not None]
         self.padding_side = padding_side
         self.model_max_length = model_max_length
@@ -293,8 +295,10 @@ class Tokenizer:
                   "pad_token": self.pad_token, "unk_token": self.unk_token,
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "model_max_length": self.model_max_length or 10**30, "padding_side": self.padding_side}
-        if self.chat_template:
+        if set(self.chat_templates) == {"default"}:
             config["chat_template"] = self.chat_template
+        elif self.chat_templates:  # written back in the list form it came in
+            config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_templates.items()]
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
 
@@ -311,12 +315,9 @@ class Tokenizer:
         """Render `messages` with the model's Jinja template (sandboxed, see chat.py).
 
         Control-token text that a user typed inside a message ("<|im_end|>") stays plain text
-        unless parse_special_in_messages=True; the template's own control tokens are parsed."""
-        from camelid.text.chat_template import render_chat
-
-        template = chat_template or self.chat_template
-        if not template:
-            raise ValueError("this tokenizer has no chat_template; pass chat_template=...")
+        unless parse_special_in_messages=True; the template's own control tokens are parsed.
+        chat_template: a template's text or, for a tokenizer with several, one of their names."""
+        template = pick_template(self.chat_templates, chat_template, kwargs.get("tools"))
         specials = [] if parse_special_in_messages else self.special_tokens()
         messages, literals, shield = _shield_specials(messages, specials)
         text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
