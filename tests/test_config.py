@@ -550,3 +550,12 @@ def test_unserialisable_extra_fails_before_touching_the_folder(tmp_path):
     with pytest.raises(ValueError, match="JSON"):
         config.save_pretrained(tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("theta", [1e-300, 0.5, 1, 1.0])
+def test_rope_theta_at_or_below_one_is_refused(theta):
+    """Issue 19, findings 9 and 10: rope_theta 1e-300 gave NaN logits, and YaRN with rope_theta 1
+    divided by zero; a RoPE base must exceed 1."""
+    with pytest.raises(ConfigError, match="rope_theta must be greater than 1"):
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, rope_theta=theta)

@@ -119,6 +119,10 @@ class LlamaConfig:
             v = getattr(self, name)
             if not (_is_number(v) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be a positive finite number, got {v!r}")
+        if not self.rope_theta > 1:  # theta ** (-2i / D): at or below 1 the frequencies stop falling
+            raise ConfigError(f"rope_theta must be greater than 1 (a RoPE base; Llama uses 1e4 to 5e5), got "
+                              f"{self.rope_theta!r}: at 1 every frequency is 1 and YaRN divides by log(rope_theta), "
+                              f"below it the frequencies overflow (1e-300 gave NaN logits)")
         if not _is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "use_cache", "alibi"):
