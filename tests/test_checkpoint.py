@@ -708,3 +708,30 @@ def test_peak_memory_of_a_load_is_about_one_copy_of_the_weights(tmp_path):
     growth, loaded_bytes = run(MEASURE_LOAD, tmp_path)
     assert loaded_bytes == weight_bytes
     assert growth <= 1.3 * weight_bytes, f"peak RSS grew {growth / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    """Issue 19, finding 9: NaN/Inf weights loaded without a word and gave NaN logits."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] = bad
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.up_proj.weight' holds NaN or infinite"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_integer_and_bool_weights_are_refused_naming_the_tensor(tmp_path, dtype):
+    """Issue 19, finding 9: integer and bool safetensors weights were cast to float silently."""
+    from safetensors.torch import load_file, save_file
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"must be floating point.*model.norm.weight \("):
+        load_pretrained(tmp_path)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from camelid.atomic import fsync_dir
+from camelid.atomic import fsync_dir, remove_stale_temps, temp_path
 from camelid.core.config import LlamaConfig
 from camelid.core.model import LlamaForCausalLM
 from camelid.formats.gguf import gguf_name, permute_for_gguf
@@ -71,8 +70,9 @@ def save_gguf(model: LlamaForCausalLM, path, dtype: str = "f16", vocab: dict | N
         block, type_size = GGML_QUANT_SIZES[qtype]
         writer.add_tensor_info(name, shape, np.float32, math.prod(shape) // block * type_size, raw_dtype=qtype)
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    remove_stale_temps(path.parent, [path.name])  # what a killed save of this file left
+    tmp = temp_path(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         writer.write_header_to_file(Path(tmp))
         writer.write_kv_data_to_file()

@@ -17,11 +17,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from camelid.atomic import fsync_dir, make_dir, new_file_mode, remove_if_empty, temp_path
+from camelid.atomic import (fsync_dir, make_dir, new_file_mode, remove_if_empty, remove_stale_temps,
+                            temp_path)
 from camelid.core.config import LlamaConfig
 from camelid.core.model import LlamaForCausalLM
 from camelid.formats.common import (CheckpointError, assign, check_names_and_shapes, device_of, dtype_name,
-                                    empty_model, finish, list_names, load_torch_state, resolve_dtype)
+                                    empty_model, finish, list_names, load_torch_state, natural_key, resolve_dtype)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -104,7 +105,7 @@ def _shapes_and_dtypes(location: dict[str, Path]) -> tuple[dict[str, tuple[int, 
                     if k in location:  # not the dropped ones (rotary_emb.inv_freq)
                         s = f.get_slice(k)
                         shapes[k] = tuple(s.get_shape())
-                        dtypes[k] = _SAFETENSORS_DTYPES.get(s.get_dtype())
+                        dtypes[k] = _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())  # else its name
         else:
             for k, t in load_torch_state(file).items():
                 if k in location:
@@ -125,6 +126,12 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
     dtype = resolve_dtype(dtype, config)  # a bad argument fails before any weight file is opened
     location = {k: f for k, f in weight_files(directory).items() if not k.endswith(DROPPED_SUFFIXES)}
     shapes, dtypes = _shapes_and_dtypes(location)
+    not_float = sorted((k for k, d in dtypes.items() if not (isinstance(d, torch.dtype) and d.is_floating_point)),
+                       key=natural_key)
+    if not_float:  # an int or bool weight cast to float would load as nonsense without a word
+        named = [f"{k} ({str(dtypes[k]).removeprefix('torch.')})" for k in not_float]
+        raise CheckpointError(f"{directory}: weights must be floating point (F32, F16, BF16, F64); these are not: "
+                              f"{list_names(named)}")
     if auto_from_tensors:
         dtype = next((d for d in dtypes.values() if d is not None and d.is_floating_point), dtype)
     if "lm_head.weight" not in shapes and not config.tie_word_embeddings:
@@ -139,6 +146,8 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
     for file in sorted(set(location.values())):
         for name, tensor in read_file(file).items():
             if name in expected:
+                if not bool(torch.isfinite(tensor.sum(dtype=torch.float64))):  # NaN/Inf give NaN logits; no copy
+                    raise CheckpointError(f"{file}: tensor {name!r} holds NaN or infinite values")
                 assign(model, name, tensor.to(device=where(name), dtype=dtype))
     return finish(model, dtype, attn_implementation)
 
@@ -215,6 +224,8 @@ def save_pretrained(model: LlamaForCausalLM, directory, max_shard_size="5GB") ->
     # Every file goes to a temp name first; only when all are written are they renamed into place,
     # so a save that fails (disk full, Ctrl-C) leaves the folder as it was, with no temp files.
     created = make_dir(directory)
+    # Temps a killed save left (of any file a save writes here: the shard names change with the count).
+    remove_stale_temps(directory, [SAFE_SINGLE, SAFE_INDEX, "config.json"], pattern=_SHARD_RE)
     pending: list[tuple[Path, Path]] = []
     try:
         for name, shard in zip(shard_files, shards):

@@ -2,11 +2,23 @@
 
     out/checkpoint-000040/    one checkpoint: weights or adapter, optimizer, scheduler, RNG, data position
     out/.checkpoint-000050.<hex>.tmp/   a save in progress (a kill leaves it; cleanup() removes it)
+    out/.checkpoint-000040.<hex>.old/   a complete checkpoint moved aside by a save of the same step
+    out/.checkpoint-000030.<hex>.del/   a checkpoint being deleted (rotation, or an .old once replaced)
 
 A save writes every file into a hidden temp folder, fsyncs each file and the folder, then renames
 the folder to its final name (one atomic rename) and fsyncs the parent. So a checkpoint folder
 either exists complete or not at all: a kill at any moment leaves the previous checkpoints as they
 were. Rotation runs only after the new folder is in place, and never removes the newest one.
+
+Saving a step that already has a folder (after a resume from an older checkpoint) takes two
+renames: checkpoint-N to .checkpoint-N.<hex>.old, then the new temp folder to checkpoint-N. An
+.old folder is always complete (it was a final folder, moved whole), and it is only deleted once
+checkpoint-N is back in place, by renaming it to .del first. cleanup() therefore restores an .old
+whose checkpoint-N is missing (a kill between the two renames) and deletes only what is not needed:
+.tmp folders (possibly partial), .del folders, and .old folders whose checkpoint-N exists. At every
+moment some complete checkpoint-N (old or new) exists or is restored by cleanup().
+Deleting a folder (rotation, a replaced .old) renames it to .del first, so a kill in the middle of
+shutil.rmtree never leaves a partial folder under a name that counts as a checkpoint.
 Under FSDP every rank writes its part into the same temp folder (writing_ranks), and the rename
 waits for all of them. rng.pt (rng-<rank>.pt under FSDP) holds the torch and CUDA generators.
 """
@@ -26,7 +38,7 @@ from camelid.atomic import fsync_dir
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"{PREFIX}(\d+)")
-_TEMP = re.compile(rf"\.{PREFIX}\d+\.[0-9a-f]+\.(tmp|old)")
+_TEMP = re.compile(rf"\.({PREFIX}\d+)\.[0-9a-f]+\.(tmp|old|del)")
 
 
 def checkpoint_dir(out, step: int) -> Path:
@@ -48,12 +60,43 @@ def latest(out) -> Path | None:
 
 
 def cleanup(out) -> list[Path]:
-    """Remove what an interrupted save left behind (temp folders); returns what was removed."""
+    """Finish or undo what an interrupted save left behind; returns the folders removed.
+
+    An .old folder (a complete checkpoint moved aside) whose checkpoint-N is missing is renamed
+    back to checkpoint-N; .tmp and .del folders, and .old folders whose checkpoint-N exists, are
+    removed (see the module docstring)."""
     out = Path(out)
-    removed = [p for p in out.iterdir() if _TEMP.fullmatch(p.name)] if out.is_dir() else []
+    if not out.is_dir():
+        return []
+    left = sorted(((p, m) for p in out.iterdir() if (m := _TEMP.fullmatch(p.name)) and p.is_dir()),
+                  key=lambda pm: pm[0].name)
+    restored = False
+    for p, m in left:
+        final = out / m.group(1)
+        if m.group(2) == "old" and not final.exists():
+            os.rename(p, final)  # a kill between writing()'s two renames: the old copy comes back
+            restored = True
+    if restored:
+        fsync_dir(out)
+    removed = [p for p, _ in left if p.exists()]
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
     return removed
+
+
+def _remove(directory: Path) -> None:
+    """Delete a folder by renaming it to a .del name first, so that a kill during the deletion
+    leaves nothing that looks like a checkpoint (or an .old cleanup would restore)."""
+    m = _TEMP.fullmatch(directory.name) or _NAME.fullmatch(directory.name)
+    if m is not None and not directory.name.endswith(".del"):
+        name = m.group(1) if m.re is _TEMP else directory.name
+        doomed = directory.with_name(f".{name}.{secrets.token_hex(6)}.del")
+        try:
+            os.rename(directory, doomed)
+        except OSError:
+            return  # left as it was: the next cleanup() or rotation tries again
+        directory = doomed
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def fsync_tree(directory: Path) -> None:
@@ -73,20 +116,22 @@ def writing(out, step: int):
     final = checkpoint_dir(out, step)
     tmp = out / f".{final.name}.{secrets.token_hex(6)}.tmp"
     tmp.mkdir()
+    old = None
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
         if final.exists():  # the same step saved again (after a resume): swap, then drop the old one
             old = out / f".{final.name}.{secrets.token_hex(6)}.old"
             os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not final.exists():
+            os.rename(old, final)  # the swap failed half-way: the old checkpoint goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        _remove(old)  # checkpoint-N is in place: the old copy is no longer needed
 
 
 @contextmanager
@@ -140,5 +185,5 @@ def rotate(out, keep: int | None, keep_also: Path | None = None) -> list[Path]:
     found = checkpoints(out)
     doomed = [p for _, p in found[:-max(keep, 1)] if keep_also is None or p != Path(keep_also)]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
     return doomed

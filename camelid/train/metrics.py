@@ -45,11 +45,29 @@ def step_flops(config, batches, lora: bool) -> float:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines a killed run wrote after the checkpoint (at `step`) it resumes from."""
+    """Drop lines a killed run wrote after the checkpoint (at `step`) it resumes from.
+
+    A torn last line (the run was killed, or the disk filled, in the middle of writing it) is
+    dropped with a warning; an unreadable line before the last one is not a torn write, and is an
+    error naming the file and the line (the file is left as it is)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    kept = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if k == len(numbered) - 1:
+                warnings.warn(f"{path} line {i} is torn (a run was killed while writing it): dropping it",
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path} line {i} is not a JSON object; fix or remove that line to resume")
+        if record.get("step", 0) <= step:
+            kept.append(line)
     from camelid.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(line + "\n" for line in kept))
