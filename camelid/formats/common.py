@@ -144,8 +144,11 @@ MIN_BYTES_PER_PARAMETER = 0.5  # 4-bit weights: the least any loader keeps per p
 def machine_bytes() -> int:
     """Memory this process could put weights in: the RAM, plus every CUDA device's."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if torch.cuda.is_available():
-        total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    try:
+        if torch.cuda.is_available():
+            total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    except (AssertionError, RuntimeError):  # a CPU-only torch, or GPUs that cannot be queried: the RAM alone
+        pass
     return total
 
 
