@@ -16,7 +16,7 @@ from camelid import LlamaConfig, LlamaForCausalLM
 from camelid.distributed import launch
 from camelid.text.tokenizer import Tokenizer
 from camelid.train.finetune import finetune
-from camelid.train.trainer import ResumeError, Trainer, TrainConfig
+from camelid.train.trainer import Trainer, TrainConfig
 from camelid.transforms.lora import lora_state_dict
 
 pytestmark = pytest.mark.slow

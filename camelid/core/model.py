@@ -2,7 +2,8 @@
 
 Module and parameter names are the Hugging Face checkpoint keys, so an HF state dict loads as is.
 No I/O, sampling, quantization or distributed code lives here: those are transforms and loaders
-that take this model as input (formats/, and later quantize.py, lora.py, distributed.py).
+that take this model as input (camelid/transforms/, camelid/formats/, composed by camelid/load.py);
+camelid/hf_compat.py adds transformers' from_pretrained / generate / save_pretrained on top.
 
 Notation: B batch, T query tokens in this call, S key/value slots (past + current),
 H query heads, Hkv key/value heads, G = H // Hkv query heads per KV head, D head_dim,

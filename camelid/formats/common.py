@@ -156,11 +156,11 @@ def check_fits(config: LlamaConfig) -> None:
     """Refuse, before anything is built, a config whose weights cannot fit this machine even at 4
     bits a parameter (a 300-byte config.json or a small GGUF can ask for 10^8 layers: building
     that on the meta device alone would run for hours). Arithmetic on the config, no allocation."""
-    need = parameter_count(config) * MIN_BYTES_PER_PARAMETER
-    have = machine_bytes()
+    params = parameter_count(config)
+    need, have = params * MIN_BYTES_PER_PARAMETER, machine_bytes()
     if need > have:
         raise CheckpointError(
-            f"the config asks for {parameter_count(config):,} parameters (num_hidden_layers="
+            f"the config asks for {params:,} parameters (num_hidden_layers="
             f"{config.num_hidden_layers}, hidden_size={config.hidden_size}, intermediate_size="
             f"{config.intermediate_size}, vocab_size={config.vocab_size}): at least {need / 2**30:,.1f} GiB of "
             f"weights, more than this machine's {have / 2**30:,.1f} GiB of memory")
