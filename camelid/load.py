@@ -14,12 +14,14 @@ Every program, the server, tensor-parallel loading and evaluation load through `
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import camelid.kernels as kernels
 from camelid.core.config import LlamaConfig
 from camelid.formats import CheckpointError, checkpoint_config, gguf_path, read_model
 from camelid.formats.common import (DTYPES, assign, check_names_and_shapes, column_major, empty_model, finish,
@@ -30,10 +32,11 @@ from camelid.formats.gguf_file import GGUFFile
 from camelid.formats.hf import is_quantized_checkpoint, read_file, save_pretrained, weight_files
 from camelid.formats.hub import DEFAULT_MODEL, resolve
 from camelid.transforms.fuse import fuse
+from camelid.transforms.native import fused_decode
 from camelid.transforms.lora import load_adapter, merge_and_unload, read_adapter_config
 from camelid.transforms.packed import can_pack, pack as pack_model
 from camelid.transforms.placement import dispatch, placer, plan_device_map
-from camelid.transforms.quantize import (Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, is_quantized,
+from camelid.transforms.quantize import (BlockLinear, Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, is_quantized,
                                          layer_from_state, quantization_summary, quantize, quantize_int8)
 from camelid.transforms.tp import TPError, check_plan, tensor_parallel
 
@@ -89,7 +92,11 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
         kwargs["device"] = placer(plan)
     elif max_memory is not None:
         raise ValueError("max_memory applies with device_map ('auto', 'balanced' or 'sequential')")
-    gguf = gguf_path(path) if load_in_4bit and bnb_4bit_quant_type == "int4" and group_size in (None, 32) else None
+    gguf = gguf_path(path)
+    if (gguf is not None and plan is None and not (load_in_8bit or load_in_4bit) and is_gguf(gguf)
+            and native_gguf(gguf, dtype, device)):
+        return _finish(load_gguf_quantized(gguf, **kwargs, native=True), adapter, pack)  # the file's blocks, kept
+    gguf = gguf if load_in_4bit and bnb_4bit_quant_type == "int4" and group_size in (None, 32) else None
     if gguf is not None and is_gguf(gguf):
         model = load_gguf_quantized(gguf, **kwargs)  # Q4/Q8 blocks map to int4 g32 / int8 as they are
         if model.quantization_config["format"] == "int4":
@@ -114,7 +121,7 @@ def _finish(model, adapter, pack):
             return model  # LoRA wraps the separate projections: no fusing
         merge_and_unload(model)
     if is_quantized(model):
-        return fuse(model)  # fewer int kernel calls (camelid/transforms/fuse.py)
+        return fused_decode(fuse(model))  # fewer kernel calls; decode layers in one native call each
     if pack is False:
         return model
     if pack and not can_pack(model):
@@ -200,11 +207,21 @@ def int8_from_q8_0(raw, shape, rows_per_chunk: int = 4096):
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def _gguf_layer(t, heads, dtype, device) -> QuantizedLinear | None:
-    """A GGUF tensor as a quantized layer, or None when its type does not map."""
+def _gguf_layer(t, heads, dtype, device, native: bool = False) -> QuantizedLinear | None:
+    """A GGUF tensor as a quantized layer, or None when its type does not map. native: the
+    file's own blocks for camelid's kernels (Q4_0 / Q4_1 / Q8_0), else int4 g32 / int8."""
     from gguf import GGMLQuantizationType as T
 
     fix = (lambda x: unpermute_from_gguf(x, heads)) if heads else (lambda x: x)  # q/k rows, see formats/gguf.py
+    if native:
+        if int(t.type) not in kernels.NAMES:
+            return None
+        blocks = kernels.file_blocks(t.data, *t.shape, int(t.type))
+        scales = blocks[..., :kernels.HEADER[int(t.type)]].contiguous().view(torch.float16)
+        if not torch.isfinite(scales).all():
+            row, block = (~torch.isfinite(scales)).any(-1).nonzero()[0].tolist()
+            raise CheckpointError(f"{t.name}: block {block} of row {row} has a NaN or infinite scale (corrupt file)")
+        return BlockLinear(fix(blocks), int(t.type), dtype=dtype)
     if t.type in (T.Q4_0, T.Q4_1):
         q, s, z = (int4_from_q4_0 if t.type == T.Q4_0 else int4_from_q4_1)(t.data, t.shape)
         return Int4Linear(fix(q), fix(s), fix(z), dtype=dtype, device=device)
@@ -213,10 +230,19 @@ def _gguf_layer(t, heads, dtype, device) -> QuantizedLinear | None:
     return None
 
 
-def load_gguf_quantized(path, dtype=None, device=None, attn_implementation: str = "sdpa", model_cls=None):
-    """A GGUF file as a quantized model: Q4_0/Q4_1 weights (linear layers and embeddings) become
-    int4 g32 and Q8_0 int8, straight from the blocks (no float32 copy of the model); every other
-    tensor is dequantized to `dtype` (default float32) as camelid.formats.gguf does."""
+def native_gguf(path, dtype, device) -> bool:
+    """Whether a GGUF loads with its blocks kept for camelid's CPU kernels: the default on CPU when
+    no dtype is asked for (dtype="float32" dequantizes, for parity work) and the kernels built."""
+    return dtype is None and torch.device(device or "cpu").type == "cpu" and kernels.available()
+
+
+def load_gguf_quantized(path, dtype=None, device=None, attn_implementation: str = "sdpa", model_cls=None,
+                        native: bool = False):
+    """A GGUF file as a quantized model, straight from the blocks (no float32 copy of the model).
+    native: Q4_0/Q4_1/Q8_0 weights (linear layers and embeddings) stay GGUF blocks for camelid's
+    kernels (BlockLinear); else Q4_0/Q4_1 become int4 g32 and Q8_0 int8 (torch's kernels). Every
+    other tensor is dequantized to `dtype` (default float32) as camelid.formats.gguf does; a
+    quantized weight with no kernel gets a one-line note."""
     g = GGUFFile(path)
     try:
         config = gguf_config(g)
@@ -225,13 +251,16 @@ def load_gguf_quantized(path, dtype=None, device=None, attn_implementation: str 
         check_names_and_shapes(g.path, expected, {hf_name(n) or n: t.shape for n, t in g.tensors.items()
                                                    if n not in IGNORED}, against="its metadata")
         device, tied = torch.device(device or "cpu"), config.tie_word_embeddings
+        no_kernel = {}
         # biases last: their layers are built by then
         for name in sorted((n for n in g.tensors if n not in IGNORED), key=lambda n: n.endswith(".bias")):
             t, (owner, _, attr) = g.tensors[name], hf_name(name).rpartition(".")
             heads = (config.num_attention_heads if ".attn_q." in name else
                      config.num_key_value_heads if ".attn_k." in name else None)
             quantizable = attr == "weight" and (owner.endswith("_proj") or owner in ("lm_head", "model.embed_tokens"))
-            layer = _gguf_layer(t, heads, dtype, device) if quantizable else None
+            layer = _gguf_layer(t, heads, dtype, device, native) if quantizable else None
+            if layer is None and quantizable and t.type.name not in ("F32", "F16", "BF16", "F64"):
+                no_kernel.setdefault(t.type.name, []).append(name)
             if layer is None:  # dequantized, as load_gguf does
                 w = tensor_data(t)
                 w = column_major((unpermute_from_gguf(w, heads) if heads else w).to(device=device, dtype=dtype))
@@ -243,6 +272,10 @@ def load_gguf_quantized(path, dtype=None, device=None, attn_implementation: str 
             else:
                 parent, _, child = owner.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)
+        for kind, names in no_kernel.items():
+            warnings.warn(f"camelid: {g.path.name}: no kernel for {kind} ({names[0]}"
+                          f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}); dequantized to {dtype}",
+                          stacklevel=3)
         if tied and isinstance(model.model.embed_tokens, nn.Embedding):
             model.lm_head.weight = model.model.embed_tokens.weight  # the table stayed float
         model.gguf_metadata = {k: v for k, v in g.fields.items() if not k.startswith("tokenizer.ggml.")}

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "camelid"
 
 # Lowest first. Names on one line are siblings: neither may import the other.
 LAYERS = [
-    ["atomic", "distributed"],                   # write files whole; start and join process groups
+    ["atomic", "distributed", "kernels"],        # write files whole; process groups; native CPU kernels
     ["core"],                                    # what a Llama is: config, rope, masks, cache, model
     ["formats", "transforms"],                   # files <-> (config, tensors) | model -> model
     ["load"],                                    # the one composition of the two

@@ -184,6 +184,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fused_step = None  # this layer's decode step as one native call (camelid.transforms.native)
 
     def forward(self, x, rope, groups, cache=None, slots=None, kv_len=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, groups, cache, slots, kv_len)
@@ -239,6 +240,13 @@ class LlamaModel(nn.Module):
         and, with output_hidden_states, every layer's input plus that final state."""
         if rope is None and self.rotary_emb is not None:
             rope = self.rotary_emb(position_ids, x.dtype)
+        key_start = None if output_hidden_states else self._fused_decode_rows(x, plan, cache, slots, kv_len, rope)
+        if key_start is not None:  # a decode step, every layer one native call
+            slot, (cos, sin) = kv_len - 1, (t.reshape(x.shape[0], -1).contiguous() for t in rope)
+            h = x.reshape(x.shape[0], -1).contiguous()
+            for i, layer in enumerate(self.layers):
+                h = layer.fused_step(h, cache.k[i], cache.v[i], slot, key_start, cos, sin)
+            return self.norm(h[:, None]), None
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -253,6 +261,27 @@ class LlamaModel(nn.Module):
         if output_hidden_states:  # as transformers: the last entry is the final-normed state the lm_head reads
             hidden_states[-1] = x
         return x, (tuple(hidden_states) if output_hidden_states else None)
+
+
+    def _fused_decode_rows(self, x, plan, cache, slots, kv_len, rope):
+        """The first key slot of each row when this call can run the layers' fused decode steps
+        (one query per row, float32 on CPU, a plain float32 KVCache, rows attending to their own
+        keys up to the new one, no gradient), else None: the PyTorch layers run."""
+        B, T, _ = x.shape
+        if (T != 1 or cache is None or type(cache) is not KVCache or rope is None or x.dtype != torch.float32
+                or x.device.type != "cpu" or self.training or torch.is_grad_enabled() or slots is None
+                or slots.numel() != 1 or int(slots[0]) != kv_len - 1 or cache.k[0].dtype != torch.float32
+                or torch.compiler.is_compiling()):
+            return None
+        if not all(layer.fused_step is not None and layer.fused_step.ready() for layer in self.layers):
+            return None
+        starts = [kv_len] * B  # a row in no group has only padding: no keys
+        for g in plan:
+            if g.mask is not None or g.query_start != 0 or g.key_end not in (None, kv_len) or g.query_end not in (None, 1):
+                return None
+            for r in range(B)[g.rows]:
+                starts[r] = g.key_start
+        return torch.tensor(starts, dtype=torch.long)
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

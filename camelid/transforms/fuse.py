@@ -24,8 +24,15 @@ from camelid.transforms.quantize import QuantizedLinear, layer_from_state
 GROUPS = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
+SHARED = {"ggml_type"}  # the same for every part: not split or stacked
+
+
 def _rows_dim(key: str) -> int:
     return 1 if key == "scales_and_zeros" else 0  # (G, N, 2); every other tensor is (N, ...)
+
+
+def _stack(states: list[dict], key: str) -> torch.Tensor:
+    return states[0][key] if key in SHARED else torch.cat([s[key] for s in states], _rows_dim(key))
 
 
 def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,7 +57,7 @@ def _build(like: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _fusable(parts: list[nn.Module]) -> bool:
-    kinds = {(type(p), getattr(p, "group_size", None)) for p in parts}
+    kinds = {(type(p), getattr(p, "group_size", None), getattr(p, "format", None)) for p in parts}
     return len(kinds) == 1 and (type(parts[0]) is nn.Linear or isinstance(parts[0], QuantizedLinear))
 
 
@@ -61,14 +68,15 @@ class FusedLinear(nn.Module):
         super().__init__()
         states = [_state(p) for p in parts]
         self.names, self.sizes = names, [p.out_features for p in parts]
-        self.inner = _build(parts[0], {k: torch.cat([s[k] for s in states], _rows_dim(k)) for k in states[0]})
+        self.inner = _build(parts[0], {k: _stack(states, k) for k in states[0]})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.inner(x).split(self.sizes, dim=-1)
 
     def parts(self) -> list[nn.Module]:
         state = _state(self.inner)
-        pieces = {k: v.split(self.sizes, _rows_dim(k)) for k, v in state.items()}
+        pieces = {k: [v] * len(self.sizes) if k in SHARED else v.split(self.sizes, _rows_dim(k))
+                  for k, v in state.items()}
         return [_build(self.inner, {k: pieces[k][i].contiguous() for k in state}) for i in range(len(self.sizes))]
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False, **kwargs):

@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import camelid.kernels as kernels
+
 BF16 = torch.bfloat16
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept (and the NF4 block sizes allowed)
-FORMATS = {"int8": 8, "int4": 4, "nf4": 4}
+FORMATS = {"int8": 8, "int4": 4, "nf4": 4, "q4_0": 4, "q4_1": 4, "q8_0": 8}  # q*: GGUF blocks
 # NormalFloat4 (Dettmers et al. 2023, as bitsandbytes): quantiles of N(0, 1) scaled to [-1, 1].
 NF4_CODES = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -301,7 +303,52 @@ class NF4Linear(QuantizedLinear):
         return (w.view(*absmax.shape, self.group_size) * absmax[..., None]).reshape(w.shape)
 
 
+class BlockLinear(QuantizedLinear):
+    """GGUF's own blocks (Q4_0, Q4_1, Q8_0: 32 weights per block, f16 scales) run by camelid's
+    kernels (camelid/kernels): activations quantized to int8 per block, integer dot products,
+    rows repacked into 16-row tiles once, at construction. Batch-invariant: a row's output never
+    depends on the other rows. Where the kernels are missing, the blocks are dequantized per call
+    (slow but exact, the reference path)."""
+
+    group_size = 32
+
+    def __init__(self, blocks: torch.Tensor, qtype: int, bias=None, dtype=torch.float32):
+        N, J, _ = blocks.shape
+        super().__init__(32 * J, N, bias, dtype)
+        self.qtype, self.format = int(qtype), kernels.NAMES[int(qtype)]
+        self.register_buffer("qweight", kernels.repack(blocks, self.qtype))  # [ceil(N/16), J, tile bytes]
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias=None, group_size=32, format="q8_0") -> "BlockLinear":
+        from gguf import GGMLQuantizationType, quants
+
+        qtype = kernels.QTYPES[format]
+        raw = quants.quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
+        return cls(kernels.file_blocks(torch.from_numpy(raw), *w.shape, qtype), qtype, bias, dtype=w.dtype)
+
+    def _matmul(self, x):  # (M, K) -> (M, N) float32
+        x = x.float().contiguous()
+        if kernels.available():
+            return kernels.quant_linear(x, self.qweight, self.qtype, self.out_features)
+        return F.linear(x, self.dequantize())
+
+    def blocks(self) -> torch.Tensor:  # the file's blocks [N, J, bytes]
+        return kernels.unrepack(self.qweight, self.qtype, self.out_features)
+
+    def dequantize(self, dtype=torch.float32):
+        return kernels.dequantize(self.blocks(), self.qtype).to(dtype)
+
+    def rows(self, ids):  # (T,) -> (T, K)
+        return kernels.packed_rows(self.qweight, self.qtype, torch.as_tensor(ids).reshape(-1))
+
+    def state(self):
+        return {"qweight": self.blocks().reshape(self.out_features, -1),
+                "ggml_type": torch.tensor([self.qtype], dtype=torch.int32)}
+
+
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
+for _name in kernels.QTYPES:
+    LAYERS[_name] = functools.partial(BlockLinear.from_float, format=_name)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -334,10 +381,14 @@ def is_quantized(model: nn.Module) -> bool:
 def _check_args(bits, group_size, format, lm_head_bits):
     format = format or {8: "int8", 4: "int4"}.get(bits)
     if format not in FORMATS or FORMATS[format] != bits:
-        raise ValueError(f"unsupported quantization bits={bits!r}, format={format!r}: use bits=8 (int8), "
-                         f"bits=4 (int4), or bits=4 with format='nf4'")
+        raise ValueError(f"unsupported quantization bits={bits!r}, format={format!r}: use bits=8 (int8, or "
+                         f"format='q8_0'), bits=4 (int4), or bits=4 with format='nf4', 'q4_0' or 'q4_1'")
     if lm_head_bits not in (8, 4):
         raise ValueError(f"lm_head_bits must be 8 or 4, got {lm_head_bits!r}")
+    if format in kernels.QTYPES:  # GGUF blocks: 32 weights each, an 8-bit head is Q8_0
+        if group_size not in (None, 32):
+            raise ValueError(f"{format} blocks hold 32 weights; group_size {group_size!r} does not apply")
+        return format, 32, "q8_0" if lm_head_bits == 8 else ("q4_0" if format == "q8_0" else format)
     if format == "int8" and group_size is not None:
         raise ValueError("int8 has one scale per output channel; group_size applies to int4 and nf4")
     group_size = group_size or {"int8": 32, "int4": 32, "nf4": 64}[format]
@@ -411,6 +462,12 @@ def layer_from_state(prefix: str, tensors: dict, dtype, device) -> QuantizedLine
     take = lambda key: tensors.pop(f"{prefix}.{key}").to(device)  # noqa: E731
     q, bias = take("qweight"), tensors.pop(f"{prefix}.bias", None)
     bias = None if bias is None else bias.to(device)
+    if f"{prefix}.ggml_type" in tensors:
+        qtype = int(tensors.pop(f"{prefix}.ggml_type").reshape(-1)[0])
+        if qtype not in kernels.NAMES:
+            raise ValueError(f"ggml_type {qtype} is not one of {kernels.QTYPES}")
+        n, k = q.shape[0], q.shape[1] // kernels.FILE_BYTES[qtype] * 32
+        return BlockLinear(kernels.file_blocks(q.cpu(), n, k, qtype), qtype, bias, dtype)
     if f"{prefix}.scales_and_zeros" in tensors:
         sz = take("scales_and_zeros").float()  # (G, N, 2)
         return Int4Linear(unpack_nibbles(q), sz[..., 0].t(), sz[..., 1].t(), bias, dtype, device)

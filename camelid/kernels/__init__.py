@@ -1,0 +1,261 @@
+"""camelid's own CPU kernels (C++ in csrc/, registered as torch.ops.camelid.*), their weight
+layouts, and the pure-PyTorch references they are tested against.
+
+    quant_linear(x, packed, qtype, n)   x [M, K] float32 @ W^T, W in GGUF Q4_0 / Q4_1 / Q8_0 blocks
+    dense_linear(x, tiled, n)           x [M, K] float32 @ W^T, W float32 or bfloat16
+    repack(raw, qtype) / unrepack       the file's blocks [N, K/32, bytes] <-> the kernels' tiles
+    tile(w) / untile                    [N, K] <-> [ceil(N/16), K, 16]
+
+Quantized products quantize x per block of 32 to int8 (ggml's Q8 form) and take integer dot
+products against the weights' codes (AVX-512 VNNI vpdpbusd, AVX2 maddubs), 16 output rows per
+tile, so one broadcast activation word feeds 16 rows. Every path (AVX-512, AVX2, portable) does the
+same integer and float32 operations in the same order for each output, so the paths agree to the
+bit and a row's result never depends on the batch it is in (batch invariance by construction).
+
+Build: compiled on first use with torch's cpp_extension (the C++ compiler and ninja) into
+$CAMELID_HOME/kernels/<key>/ (default ~/.cache/camelid), key = hash of the sources, torch and
+Python versions, so a fresh process only loads the cached library (~20 ms). Not built by pip: a
+setup.py extension needs torch in pip's isolated build environment, which makes pip resolve torch
+anew (a multi-GB CUDA download on a CPU machine) unless every install says --no-build-isolation.
+The README's set-up command builds once (`python -m camelid.kernels`). Where it cannot be built
+(no compiler, another architecture) `available()` is False after a one-line warning and camelid
+runs its pure-PyTorch paths; CAMELID_KERNELS=0 chooses that on purpose. CAMELID_ISA=avx2 or
+scalar caps the instruction set (tests force each path with `forced_isa`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized"]
+ISAS = {0: "scalar", 1: "avx2", 2: "avx512"}
+Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
+QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}
+NAMES = {v: k for k, v in QTYPES.items()}
+FILE_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}  # a 32-weight block in the file
+TILE_BYTES = {Q4_0: 288, Q4_1: 320, Q8_0: 544}  # 16 rows x one block in the kernels' tiles
+HEADER = {Q4_0: 2, Q4_1: 4, Q8_0: 2}  # bytes of scales before the codes in a file block
+TILE = 16
+
+_state: dict = {}
+
+
+def _home() -> Path:
+    return Path(os.environ.get("CAMELID_HOME") or Path.home() / ".cache" / "camelid")
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    for p in SOURCES:
+        h.update(p.read_bytes())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS}".encode())
+    return h.hexdigest()[:16]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library if its cached copy is missing; returns the .so path (raises on failure)."""
+    directory = _home() / "kernels" / _key()
+    lib = directory / "camelid_kernels.so"
+    if not lib.is_file():
+        from torch.utils.cpp_extension import load
+
+        directory.mkdir(parents=True, exist_ok=True)
+        load("camelid_kernels", [str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=CFLAGS,
+             build_directory=str(directory), is_python_module=False, verbose=verbose)
+    return lib
+
+
+def available() -> bool:
+    """True when torch.ops.camelid is loaded (built on first call if needed)."""
+    if "ok" not in _state:
+        _state["ok"] = False
+        if os.environ.get("CAMELID_KERNELS", "1") == "0":
+            return False
+        if sys.platform != "linux" or not _x86():
+            warnings.warn("camelid: native CPU kernels are for x86-64 Linux; using the PyTorch paths", stacklevel=2)
+            return False
+        try:
+            lib = build()
+            if not hasattr(torch.ops.camelid, "quant_linear"):
+                torch.ops.load_library(str(lib))
+            _register_fakes()
+            _state["ok"] = True
+        except Exception as e:  # no compiler, a failed build: camelid still works, on torch's kernels
+            line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            warnings.warn(f"camelid: native CPU kernels unavailable ({line}); using the PyTorch paths", stacklevel=2)
+    return _state["ok"]
+
+
+def _x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile / FakeTensor tracing."""
+    lib = torch.library
+
+    @lib.register_fake("camelid::quant_linear")
+    def _(x, w, qtype, n):
+        return x.new_empty(x.shape[0], n)
+
+    @lib.register_fake("camelid::dense_linear")
+    def _(x, w, n):
+        return x.new_empty(x.shape[0], n)
+
+    @lib.register_fake("camelid::quantize_act")
+    def _(x):
+        M, K = x.shape
+        return (x.new_empty(M, K, dtype=torch.int8), x.new_empty(M, K // 32),
+                x.new_empty(M, K // 32, dtype=torch.int32))
+
+
+def isa() -> str:
+    """The instruction set the kernels run on now: 'avx512', 'avx2' or 'scalar'."""
+    return ISAS[int(torch.ops.camelid.isa())] if available() else "none"
+
+
+def best_isa() -> str:
+    return ISAS[int(torch.ops.camelid.best_isa())] if available() else "none"
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    """Run the kernels on a lower path (tests), e.g. `with forced_isa("scalar"): ...`."""
+    level = {v: k for k, v in ISAS.items()}[name]
+    if level > int(torch.ops.camelid.best_isa()):
+        raise RuntimeError(f"this CPU has no {name} (best: {best_isa()})")
+    torch.ops.camelid.set_isa(level)
+    try:
+        yield
+    finally:
+        torch.ops.camelid.set_isa(-1)
+
+
+# ---------------------------------------------------------------------- the ops
+
+def quant_linear(x: torch.Tensor, packed: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    return torch.ops.camelid.quant_linear(x, packed, qtype, n)
+
+
+def dense_linear(x: torch.Tensor, tiled: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.ops.camelid.dense_linear(x, tiled, n)
+
+
+# ---------------------------------------------------------------------- layouts (pure functions)
+
+def file_blocks(raw, n: int, k: int, qtype: int) -> torch.Tensor:
+    """A tensor's bytes as the file has them -> uint8 [n, k/32, block bytes], checked."""
+    t = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(__import__("numpy").array(raw))  # a writable copy
+    t = t.reshape(-1)
+    bs = FILE_BYTES[qtype]
+    if t.dtype != torch.uint8 or k % 32 or t.numel() != n * (k // 32) * bs:
+        raise ValueError(f"{NAMES[qtype]}: expected {n * (k // 32) * bs} bytes for [{n}, {k}], got {t.numel()} "
+                         f"of {t.dtype}")
+    return t.reshape(n, k // 32, bs)
+
+
+def repack(raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """File blocks uint8 [N, J, bs] -> tiles uint8 [ceil(N/16), J, tile bytes] (layout: csrc/kernels.h).
+    Rows past N are zero (scale 0: they compute 0 and are never written)."""
+    N, J, bs = raw.shape
+    T, h = -(-N // TILE), HEADER[qtype]
+    r = torch.nn.functional.pad(raw, (0, 0, 0, 0, 0, T * TILE - N)).view(T, TILE, J, bs).permute(0, 2, 1, 3)
+    parts = [r[..., 0:2].reshape(T, J, 2 * TILE)]  # d of the 16 rows
+    if qtype == Q4_1:
+        parts.append(r[..., 2:4].reshape(T, J, 2 * TILE))  # m
+    chunks = (bs - h) // 4  # 4 (Q4: 16 bytes) or 8 (Q8: 32 bytes)
+    parts.append(r[..., h:].reshape(T, J, TILE, chunks, 4).transpose(2, 3).reshape(T, J, TILE * (bs - h)))
+    return torch.cat(parts, -1).contiguous()
+
+
+def unrepack(packed: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    """The inverse of repack: tiles -> file blocks uint8 [n, J, bs]."""
+    T, J, _ = packed.shape
+    bs, h = FILE_BYTES[qtype], HEADER[qtype]
+    cols = [packed[..., 0:32].reshape(T, J, TILE, 2)]
+    if qtype == Q4_1:
+        cols.append(packed[..., 32:64].reshape(T, J, TILE, 2))
+    chunks = (bs - h) // 4
+    codes = packed[..., 32 * (h // 2):].reshape(T, J, chunks, TILE, 4).transpose(2, 3).reshape(T, J, TILE, bs - h)
+    blocks = torch.cat(cols + [codes], -1).permute(0, 2, 1, 3).reshape(T * TILE, J, bs)
+    return blocks[:n].contiguous()
+
+
+def dequantize(raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """File blocks uint8 [N, J, bs] -> float32 [N, J*32], exactly as ggml defines the formats."""
+    N, J, _ = raw.shape
+    d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [N, J, 1]
+    if qtype == Q8_0:
+        return (d * raw[..., 2:].contiguous().view(torch.int8).float()).reshape(N, -1)
+    qs = raw[..., HEADER[qtype]:]
+    q = torch.cat([qs & 15, qs >> 4], -1).float()  # [N, J, 32]: byte i holds inputs i and 16 + i
+    if qtype == Q4_0:
+        return (d * (q - 8)).reshape(N, -1)
+    m = raw[..., 2:4].contiguous().view(torch.float16).float()
+    return (d * q + m).reshape(N, -1)
+
+
+def packed_rows(packed: torch.Tensor, qtype: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a repacked table as float32 [len(ids), K] (embedding lookups)."""
+    ids = ids.reshape(-1).long()
+    tiles, rows = ids // TILE, ids % TILE
+    blocks = unrepack(packed[tiles], qtype, tiles.numel() * TILE).view(tiles.numel(), TILE, *packed.shape[1:2], -1)
+    return dequantize(blocks[torch.arange(ids.numel()), rows], qtype)
+
+
+def tile(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/16), K, 16] (rows past N zero): element [t, k, r] = w[16t + r, k]."""
+    N, K = w.shape
+    T = -(-N // TILE)
+    return torch.nn.functional.pad(w, (0, 0, 0, T * TILE - N)).view(T, TILE, K).transpose(1, 2).contiguous()
+
+
+def untile(tiled: torch.Tensor, n: int) -> torch.Tensor:
+    T, K, _ = tiled.shape
+    return tiled.transpose(1, 2).reshape(T * TILE, K)[:n].contiguous()
+
+
+# ---------------------------------------------------------------------- references (float64)
+
+def quantize_act_reference(x: torch.Tensor):
+    """The kernels' activation quantization in PyTorch: per block of 32, d = amax / 127 (float32),
+    codes round-half-even(x * (1 / d)); a block with NaN/Inf gets d = NaN and codes 0."""
+    M, K = x.shape
+    xb = x.float().reshape(M, K // 32, 32)
+    finite = torch.isfinite(xb).all(-1, keepdim=True)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where((d != 0) & finite, 1 / d, torch.zeros_like(d))
+    q = torch.where(finite, torch.round(xb * inv), torch.zeros_like(xb))
+    d = torch.where(finite, d, torch.full_like(d, float("nan")))
+    return q.to(torch.int8).reshape(M, K), d[..., 0], q.sum(-1).to(torch.int32)
+
+
+def reference_quant_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """What quant_linear computes, in float64 from the same quantized activations: the float32
+    kernels may differ from it only by float32 rounding of the per-block sums."""
+    q, d, _ = quantize_act_reference(x)
+    M, K = x.shape
+    xq = (q.double().view(M, K // 32, 32) * d.double()[..., None]).reshape(M, K)
+    return xq @ dequantize(raw, qtype).double().t()
+
+
+def main(argv=None) -> int:
+    """python -m camelid.kernels [-v]: build now (the README's set-up runs it), say what runs."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        lib = build(verbose="-v" in argv)
+    except Exception as e:
+        print(f"camelid kernels: not built ({e}); camelid will use its PyTorch paths", file=sys.stderr)
+        return 1
+    print(f"camelid kernels: {lib} ({'loaded, running ' + isa() if available() else 'not loadable'})")
+    return 0

@@ -1,0 +1,5 @@
+import sys
+
+from camelid.kernels import main
+
+sys.exit(main())

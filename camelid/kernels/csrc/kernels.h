@@ -1,0 +1,48 @@
+// camelid's CPU kernels: shared declarations.
+//
+// Every kernel exists three times, for three instruction sets chosen at run time (isa()):
+//   2  AVX-512 (F, BW, VL, DQ, VNNI)   vpdpbusd integer dot products, 16 lanes
+//   1  AVX2 + FMA + F16C               maddubs/madd integer dot products, 8 lanes
+//   0  portable C++                    the fallback, and the reference the others are tested against
+// The three perform the same integer and float32 operations in the same order for every output
+// (an integer dot product per 32-weight block, then float fma's over the blocks in order), so they
+// give the same bits, and so does any batch size: row m of a product never depends on the others.
+#pragma once
+
+#include <cstdint>
+
+namespace camelid {
+
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+int isa();                 // the level in use (the best the CPU has, unless forced)
+int best_isa();            // the best the CPU has
+void force_isa(int level); // tests: run a lower path (clamped to what the CPU has)
+
+// GGML type ids of the block formats with kernels.
+enum QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+
+// Repacked weight layout (camelid/kernels/__init__.py builds it from the file's blocks): tiles of
+// 16 output rows; tile t, block j (32 inputs) is BB bytes:
+//   Q4_0  d[16] f16 | codes 256 B                BB = 288
+//   Q4_1  d[16] f16 | m[16] f16 | codes 256 B    BB = 320
+//   Q8_0  d[16] f16 | codes 512 B                BB = 544
+// Q4 codes: 4 chunks of 64 B; chunk c, byte 4r+i = the file's byte 4c+i of row r (low nibble:
+// input 4c+i, high nibble: input 16+4c+i). Q8 codes: 8 chunks of 64 B; chunk g, byte 4r+i =
+// int8 weight of row r, input 4g+i.
+constexpr int TILE = 16;
+int block_bytes(int qtype);
+
+// Activations quantized per block of 32 (ggml's Q8 form): q int8 [K], d float [K/32] (amax/127),
+// s int32 [K/32] (sum of the block's codes). A block holding NaN or Inf gets d = NaN.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* s, int level);
+
+// y[m, n] (ldy floats per row) for rows m of the quantized activations, tiles [t0, t1).
+void qgemm_tiles(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N,
+                 const int8_t* q, const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level);
+
+// Float weights, tiles of 16 rows: element [t][k][r] = W[16t + r][k], f32 or bf16 (uint16).
+// Per output the sum runs in 4 interleaved partial sums (k mod 4), combined (p0 + p1) + (p2 + p3).
+void dgemm_tiles(bool bf16, const void* w, int64_t K, int64_t t0, int64_t t1, int64_t N,
+                 const float* x, int64_t M, float* y, int64_t ldy, int level);
+
+}  // namespace camelid

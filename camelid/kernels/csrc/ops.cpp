@@ -1,0 +1,145 @@
+// The torch.library face of the kernels: torch.ops.camelid.* (CPU). Shapes and dtypes are
+// checked here, so a wrong call raises a Python error instead of reading out of bounds.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+namespace camelid {
+
+int best_isa() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
+      return int(ISA_AVX512);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return int(ISA_AVX2);
+    return int(ISA_SCALAR);
+  }();
+  return level;
+}
+
+static std::atomic<int> forced{-1};
+
+static int env_isa() {  // CAMELID_ISA=scalar|avx2|avx512 caps the level for the whole process
+  const char* e = std::getenv("CAMELID_ISA");
+  if (!e) return 99;
+  if (!std::strcmp(e, "scalar")) return ISA_SCALAR;
+  if (!std::strcmp(e, "avx2")) return ISA_AVX2;
+  return 99;
+}
+
+int isa() {
+  static const int cap = env_isa();
+  const int f = forced.load();
+  return std::min(f >= 0 ? f : 99, std::min(cap, best_isa()));
+}
+
+void force_isa(int level) { forced.store(level < 0 ? -1 : std::min(level, best_isa())); }
+
+// ------------------------------------------------------------------------------------------ ops
+
+static void check_x(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
+              ": x must be a contiguous float32 CPU matrix [M, K], got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(K < 0 || x.size(1) == K, op, ": x has ", x.size(1), " columns, the weight ", K, " inputs");
+}
+
+// x [M, K] float32 -> (codes int8 [M, K], scales float32 [M, K/32], sums int32 [M, K/32])
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x) {
+  check_x(x, -1, "camelid::quantize_act");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 32 == 0, "camelid::quantize_act: K = ", K, " is not a multiple of 32");
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto d = at::empty({M, K / 32}, x.options());
+  auto s = at::empty({M, K / 32}, x.options().dtype(at::kInt));
+  const int level = isa();
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  int32_t* sp = s.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    quantize_rows(xp + b * K, e - b, K, qp + b * K, dp + b * (K / 32), sp + b * (K / 32), level);
+  });
+  return {q, d, s};
+}
+
+// x [M, K] float32 @ W^T, W [n, K] repacked [T, K/32, BB] uint8 -> [M, n] float32
+static at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n) {
+  const int BB = block_bytes(int(qtype));
+  TORCH_CHECK(BB > 0, "camelid::quant_linear: no kernel for GGML type ", qtype);
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous() &&
+                  w.size(2) == BB && n > 0 && (n + TILE - 1) / TILE == w.size(0),
+              "camelid::quant_linear: weight must be contiguous uint8 [ceil(n/16), K/32, ", BB, "] for n = ", n,
+              ", got ", w.sizes());
+  const int64_t J = w.size(1), K = 32 * J, T = w.size(0);
+  check_x(x, K, "camelid::quant_linear");
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  auto [q, d, s] = quantize_act(x);
+  const int level = isa();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* dp = d.data_ptr<float>();
+  const int32_t* sp = s.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    qgemm_tiles(int(qtype), wp, J, b, e, n, qp, dp, sp, M, yp, n, level);
+  });
+  return y;
+}
+
+// x [M, K] float32 @ W^T, W [n, K] tiled [T, K, 16] float32 or bfloat16 -> [M, n] float32
+static at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, int64_t n) {
+  TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
+                  w.dim() == 3 && w.is_contiguous() && w.size(2) == TILE && n > 0 &&
+                  (n + TILE - 1) / TILE == w.size(0),
+              "camelid::dense_linear: weight must be contiguous float32/bfloat16 [ceil(n/16), K, 16] for n = ", n,
+              ", got ", w.scalar_type(), " ", w.sizes());
+  const int64_t K = w.size(1), T = w.size(0);
+  check_x(x, K, "camelid::dense_linear");
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  const int level = isa();
+  const void* wp = w.data_ptr();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) { dgemm_tiles(bf16, wp, K, b, e, n, xp, M, yp, n, level); });
+  return y;
+}
+
+static int64_t isa_op() { return isa(); }
+static int64_t best_isa_op() { return best_isa(); }
+static int64_t set_isa_op(int64_t level) {
+  force_isa(int(level));
+  return isa();
+}
+
+}  // namespace camelid
+
+TORCH_LIBRARY(camelid, m) {
+  m.def("quantize_act(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("quant_linear(Tensor x, Tensor w, int qtype, int n) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor w, int n) -> Tensor");
+  m.def("isa() -> int", &camelid::isa_op);
+  m.def("best_isa() -> int", &camelid::best_isa_op);
+  m.def("set_isa(int level) -> int", &camelid::set_isa_op);
+}
+
+TORCH_LIBRARY_IMPL(camelid, CPU, m) {
+  m.impl("quantize_act", &camelid::quantize_act);
+  m.impl("quant_linear", &camelid::quant_linear);
+  m.impl("dense_linear", &camelid::dense_linear);
+}
