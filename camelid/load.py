@@ -94,7 +94,7 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
         raise ValueError("max_memory applies with device_map ('auto', 'balanced' or 'sequential')")
     gguf = gguf_path(path)
     if (gguf is not None and plan is None and not (load_in_8bit or load_in_4bit) and is_gguf(gguf)
-            and native_gguf(gguf, dtype, device)):
+            and pack is not False and native_gguf(gguf, dtype, device)):
         return _finish(load_gguf_quantized(gguf, **kwargs, native=True), adapter, pack)  # the file's blocks, kept
     gguf = gguf if load_in_4bit and bnb_4bit_quant_type == "int4" and group_size in (None, 32) else None
     if gguf is not None and is_gguf(gguf):
@@ -232,7 +232,8 @@ def _gguf_layer(t, heads, dtype, device, native: bool = False) -> QuantizedLinea
 
 def native_gguf(path, dtype, device) -> bool:
     """Whether a GGUF loads with its blocks kept for camelid's CPU kernels: the default on CPU when
-    no dtype is asked for (dtype="float32" dequantizes, for parity work) and the kernels built."""
+    no dtype is asked for (dtype="float32" dequantizes, for parity work; pack=False gives plain
+    float layers, for training and export) and the kernels built."""
     return dtype is None and torch.device(device or "cpu").type == "cpu" and kernels.available()
 
 

@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e '.[test]'
+python -m camelid.kernels  # build camelid's CPU kernels once (tests skip theirs where this cannot build)
 python -m pytest -q "$@"

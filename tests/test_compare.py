@@ -168,7 +168,7 @@ def test_camelid_against_transformers_same_weights(tmp_path, padded):
 
 @pytest.fixture(scope="module")
 def default_pair(smollm2_gguf):
-    return LlamaForCausalLM.from_pretrained(smollm2_gguf), LlamaForCausalLM.from_pretrained(smollm2_gguf,
+    return LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32"), LlamaForCausalLM.from_pretrained(smollm2_gguf,
                                                                                             load_in_8bit=True)
 
 

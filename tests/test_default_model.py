@@ -13,7 +13,7 @@ GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf):
-    return LlamaForCausalLM.from_pretrained(smollm2_gguf)
+    return LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32")  # parity work: dequantized
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf):
-    return LlamaForCausalLM.from_pretrained(smollm2_gguf)
+    return LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32")  # parity work: dequantized
 
 
 # ---------------------------------------------------------------------- cache equivalence

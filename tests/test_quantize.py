@@ -334,7 +334,7 @@ def test_gguf_loaded_quantized(smollm2_gguf, smollm2_tokenizer):
             assert torch.equal(dequant_int4(*int4_from_q4_1(t.data, t.shape)), expected)
     finally:
         g.close()
-    ref = LlamaForCausalLM.from_pretrained(smollm2_gguf)
+    ref = LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32")
     x = torch.tensor([smollm2_tokenizer.encode(open(GPL3, encoding="utf-8").read()[:2000])])
     with torch.inference_mode():
         a, b = model(x).logits, ref(x).logits
@@ -351,17 +351,17 @@ def test_quality_and_memory_on_the_default_model(smollm2_gguf, smollm2_tokenizer
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     text_ids = smollm2_tokenizer.encode(open(GPL3, encoding="utf-8").read())[:2048]
-    float_model = LlamaForCausalLM.from_pretrained(smollm2_gguf)
+    float_model = LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32")
     fp16 = 2 * parameter_count(float_model.config)
 
     def measure(model):
         return perplexity(model, text_ids, context=512).value, weight_bytes(model) / fp16
 
     base, _ = measure(float_model)
-    int8, int8_mem = measure(quantize(LlamaForCausalLM.from_pretrained(smollm2_gguf), bits=8))
-    int4, int4_mem = measure(quantize(LlamaForCausalLM.from_pretrained(smollm2_gguf), bits=4, group_size=32))
+    int8, int8_mem = measure(quantize(LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32"), bits=8))
+    int4, int4_mem = measure(quantize(LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32"), bits=4, group_size=32))
     gguf, gguf_mem = measure(load_gguf_quantized(smollm2_gguf))
-    small_mem = weight_bytes(quantize(LlamaForCausalLM.from_pretrained(smollm2_gguf), bits=4, lm_head_bits=4)) / fp16
+    small_mem = weight_bytes(quantize(LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32"), bits=4, lm_head_bits=4)) / fp16
     # measured here: int8 +0.39%, int4 +0.30%, Q4_1 -> int4 +0.04% (whole text: +0.16%, +0.48%, +0.22%)
     assert int8 <= base * 1.005, (base, int8)
     assert int4 <= base * 1.03, (base, int4)

@@ -31,6 +31,7 @@ class AttentionGroup:
     whole: bool = False  # a batch of one with no padding: one call on q, k, v as they are
     query_end: int | None = None
     key_end: int | None = None
+    causal: bool = False  # each query sees exactly its row's keys from key_start up to its own slot
 
 
 def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_len: int, batch: int,
@@ -74,7 +75,8 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
             bias = alibi_bias(alibi, slots[q0:] - p, S)  # (1, H, Tq, S)
             mask, is_causal = bias.masked_fill(~mask, float("-inf")), False
         rows = slice(r, r + 1) if split_rows or any(pads) else slice(None)
-        groups.append(AttentionGroup(rows, p, q0, mask, is_causal, whole=batch == 1 and p == 0))
+        groups.append(AttentionGroup(rows, p, q0, mask, is_causal, whole=batch == 1 and p == 0,
+                                     causal=alibi is None))
     return groups
 
 
@@ -94,7 +96,7 @@ def decode_step_plan(start: int, T: int, alibi: torch.Tensor | None, device) -> 
     as a one-token decode step at slot start + i does (speculative verification)."""
     pos = torch.arange(start, start + T, device=device)
     return [AttentionGroup(slice(0, 1), 0, i, None if alibi is None else alibi_bias(alibi, pos[i:i + 1], start + i + 1),
-                           False, query_end=i + 1, key_end=start + i + 1) for i in range(T)]
+                           False, query_end=i + 1, key_end=start + i + 1, causal=alibi is None) for i in range(T)]
 
 
 def dense_plan(mask: torch.Tensor) -> list[AttentionGroup]:

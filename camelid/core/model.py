@@ -25,6 +25,7 @@ from camelid.core.config import LlamaConfig
 from camelid.core.masks import attention_plan, positions_from_mask
 from camelid.core.rope import DYNAMIC_ROPE_TYPES, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
 
+FUSED_QUERIES = 16  # new tokens per row up to which a step runs the fused decode layers
 ACT_FNS = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
     "gelu_new": functools.partial(F.gelu, approximate="tanh"),
@@ -242,11 +243,12 @@ class LlamaModel(nn.Module):
             rope = self.rotary_emb(position_ids, x.dtype)
         key_start = None if output_hidden_states else self._fused_decode_rows(x, plan, cache, slots, kv_len, rope)
         if key_start is not None:  # a decode step, every layer one native call
-            slot, (cos, sin) = kv_len - 1, (t.reshape(x.shape[0], -1).contiguous() for t in rope)
-            h = x.reshape(x.shape[0], -1).contiguous()
+            B, T, C = x.shape
+            cos, sin = (t.expand(B, T, -1).reshape(B * T, -1).contiguous() for t in rope)
+            h, slots = x.reshape(B * T, C).contiguous(), slots.to(torch.long)
             for i, layer in enumerate(self.layers):
-                h = layer.fused_step(h, cache.k[i], cache.v[i], slot, key_start, cos, sin)
-            return self.norm(h[:, None]), None
+                h = layer.fused_step(h, cache.k[i], cache.v[i], slots, key_start, cos, sin)
+            return self.norm(h.view(B, T, C)), None
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -265,19 +267,25 @@ class LlamaModel(nn.Module):
 
     def _fused_decode_rows(self, x, plan, cache, slots, kv_len, rope):
         """The first key slot of each row when this call can run the layers' fused decode steps
-        (one query per row, float32 on CPU, a plain float32 KVCache, rows attending to their own
-        keys up to the new one, no gradient), else None: the PyTorch layers run."""
+        (at most FUSED_QUERIES new tokens per row at the last slots, float32 on CPU, a plain
+        float32 KVCache, every query attending causally to its own row's keys, no gradient), else
+        None: the PyTorch layers run. A prompt's prefill (slot 0 on) always runs them, whatever its
+        length, so a prompt alone and in a batch are prefilled by the same code."""
+        if self.layers[0].fused_step is None or torch.compiler.is_compiling():
+            return None  # decided before any shape is read: tracing must not guard on T
         B, T, _ = x.shape
-        if (T != 1 or cache is None or type(cache) is not KVCache or rope is None or x.dtype != torch.float32
-                or x.device.type != "cpu" or self.training or torch.is_grad_enabled() or slots is None
-                or slots.numel() != 1 or int(slots[0]) != kv_len - 1 or cache.k[0].dtype != torch.float32
-                or torch.compiler.is_compiling()):
+        if (T > FUSED_QUERIES or cache is None or type(cache).update is not KVCache.update or rope is None
+                or x.dtype != torch.float32 or x.device.type != "cpu" or self.training or torch.is_grad_enabled()
+                or slots is None or slots.numel() != T or cache.k[0].dtype != torch.float32
+                or not cache.k[0].is_contiguous()
+                or torch.compiler.is_compiling() or int(slots[0]) == 0 or int(slots[-1]) != kv_len - 1
+                or (T > 1 and not bool((slots[1:] - slots[:-1] == 1).all()))):
             return None
         if not all(layer.fused_step is not None and layer.fused_step.ready() for layer in self.layers):
             return None
         starts = [kv_len] * B  # a row in no group has only padding: no keys
         for g in plan:
-            if g.mask is not None or g.query_start != 0 or g.key_end not in (None, kv_len) or g.query_end not in (None, 1):
+            if not g.causal:
                 return None
             for r in range(B)[g.rows]:
                 starts[r] = g.key_start

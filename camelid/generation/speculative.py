@@ -88,6 +88,11 @@ class DraftModel:
         """k greedy tokens after `tokens`: the unseen tokens in one forward, then one step each."""
         k = min(k, self.size - len(tokens) + 1)  # the last draft is never fed: slots < len + k - 1
         out, new, pos = [], tokens[self.seen:], self.seen
+        if pos == 0 and len(new) > 1 and k > 0:  # the target prefilled the prompt and fed its first new
+            head = torch.tensor([new[:-1]], device=self.model.device)  # token as a step: so does the draft
+            self.model(head, cache=self.cache, cache_position=torch.arange(len(new) - 1, device=head.device),
+                       logits_to_keep=1)
+            new, pos = new[-1:], len(new) - 1
         for _ in range(max(k, 0)):
             ids = torch.tensor([new], device=self.model.device)
             slots = torch.arange(pos, pos + len(new), device=self.model.device)

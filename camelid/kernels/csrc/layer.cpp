@@ -1,7 +1,8 @@
-// One decoder layer of a decode step (one new token per row), in one call:
+// One decoder layer of a decode step (a few new tokens per row: T = 1, or speculative
+// verification's T draft tokens), in one call. Rows of x are (batch row b, query t), b-major:
 //
-//   h = rmsnorm(x) -> q|k|v = h Wqkv^T -> RoPE(q, k) -> k, v into the cache at `slot` ->
-//   attention of each row over its own keys [key_start[b], slot] -> x += o Wo^T ->
+//   h = rmsnorm(x) -> q|k|v = h Wqkv^T -> RoPE(q, k) -> k, v into the cache at slots[t] ->
+//   attention of each query over its row's keys [key_start[b], slots[t]] -> x += o Wo^T ->
 //   h = rmsnorm(x) -> g|u = h Wgu^T -> x += (silu(g) * u) Wd^T
 //
 // The products go through the block-quantized or tiled-float kernels (quant.cpp, dense.cpp); the
@@ -141,24 +142,30 @@ static void rope(float* x, const float* cos, const float* sin, int64_t D) {
 static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& ln1, const at::Tensor& ln2, double eps,
                                const at::Tensor& wqkv, int64_t kqkv, const at::Tensor& wo, int64_t ko,
                                const at::Tensor& wgu, int64_t kgu, const at::Tensor& wd, int64_t kd,
-                               const at::Tensor& kc, const at::Tensor& vc, int64_t slot, const at::Tensor& key_start,
+                               const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
+                               const at::Tensor& key_start,
                                const at::Tensor& cos, const at::Tensor& sin, int64_t H, int64_t Hkv,
                                int64_t inter, double scale) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.is_contiguous(),
               "camelid::decode_layer: x must be contiguous float32 [B, C]");
-  const int64_t B = x_in.size(0), C = x_in.size(1), D = cos.size(-1), S = kc.size(2);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.numel() > 0 &&
+                  key_start.scalar_type() == at::kLong && key_start.dim() == 1,
+              "camelid::decode_layer: slots [T] and key_start [B] must be int64");
+  const int64_t B = key_start.numel(), T = slots.numel(), R = x_in.size(0), C = x_in.size(1), D = cos.size(-1),
+                S = kc.size(2);
+  TORCH_CHECK(R == B * T, "camelid::decode_layer: x has ", R, " rows, not batch ", B, " x ", T, " queries");
   TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D % 16 == 0 && D > 0, "camelid::decode_layer: heads ", H, "/",
               Hkv, " and head_dim ", D, " (a multiple of 16) do not fit");
   for (const at::Tensor* t : {&kc, &vc})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
                     t->size(1) == Hkv && t->size(3) == D && t->size(2) == S,
                 "camelid::decode_layer: the KV cache must be contiguous float32 [B, Hkv, S, D]");
-  TORCH_CHECK(slot >= 0 && slot < S, "camelid::decode_layer: slot ", slot, " outside the cache's ", S);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < S, "camelid::decode_layer: slot ", sl[t], " outside the cache's ", S);
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.numel() == B * D && sin.numel() == B * D,
-              "camelid::decode_layer: cos/sin must be contiguous float32 [B, head_dim]");
-  TORCH_CHECK(key_start.scalar_type() == at::kLong && key_start.numel() == B,
-              "camelid::decode_layer: key_start must be int64 [B]");
+                  sin.is_contiguous() && cos.numel() == R * D && sin.numel() == R * D,
+              "camelid::decode_layer: cos/sin must be contiguous float32 [B * T, head_dim]");
   TORCH_CHECK(ln1.scalar_type() == at::kFloat && ln1.numel() == C && ln2.scalar_type() == at::kFloat &&
                   ln2.numel() == C, "camelid::decode_layer: the norms' weights must be float32 [C]");
   const int64_t nqkv = (H + 2 * Hkv) * D;
@@ -171,45 +178,48 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& ln1, co
 
   at::Tensor out = x_in.clone();
   float* x = out.data_ptr<float>();
-  std::vector<float> h(B * std::max(C, inter)), qkv(B * nqkv), att(B * H * D), o(B * C), gu(B * 2 * inter);
+  std::vector<float> h(R * std::max(C, inter)), qkv(R * nqkv), att(R * H * D), o(R * C), gu(R * 2 * inter);
+  int64_t last = 0;
+  for (int64_t t = 0; t < T; ++t) last = std::max(last, sl[t]);
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin.data_ptr<float>();
   const int64_t* ks = key_start.data_ptr<int64_t>();
   float* kcp = kc.data_ptr<float>();
   float* vcp = vc.data_ptr<float>();
 
-  for (int64_t b = 0; b < B; ++b) rmsnorm(x + b * C, ln1.data_ptr<float>(), fe, C, h.data() + b * C);
-  linear(wqkv, kqkv, nqkv, h.data(), B, C, qkv.data(), level);
-  for (int64_t b = 0; b < B; ++b) {
-    float* r = qkv.data() + b * nqkv;
-    for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + b * D, sn + b * D, D);  // q heads, then k heads
+  for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ln1.data_ptr<float>(), fe, C, h.data() + i * C);
+  linear(wqkv, kqkv, nqkv, h.data(), R, C, qkv.data(), level);
+  for (int64_t i = 0; i < R; ++i) {  // every row's k, v into the cache before any row attends
+    const int64_t b = i / T, slot = sl[i % T];
+    float* r = qkv.data() + i * nqkv;
+    for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + i * D, sn + i * D, D);  // q heads, then k heads
     for (int64_t j = 0; j < Hkv; ++j) {
       std::copy_n(r + (H + j) * D, D, kcp + ((b * Hkv + j) * S + slot) * D);
       std::copy_n(r + (H + Hkv + j) * D, D, vcp + ((b * Hkv + j) * S + slot) * D);
     }
   }
   const int64_t G = H / Hkv;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(slot + 1);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, hd = bh % H, kv = hd / G, k0 = ks[b];
-      float* y = att.data() + (b * H + hd) * D;
+  at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sc(last + 1);
+    for (int64_t ih = begin; ih < end; ++ih) {  // query row i = (b, t) sees keys [key_start[b], slot[t]]
+      const int64_t i = ih / H, hd = ih % H, b = i / T, slot = sl[i % T], kv = hd / G, k0 = ks[b];
+      float* y = att.data() + (i * H + hd) * D;
       if (k0 > slot) {  // a row with no keys (padding only): its output is never read
         std::fill_n(y, D, 0.f);
         continue;
       }
-      attend_head(qkv.data() + b * nqkv + hd * D, kcp + (b * Hkv + kv) * S * D, vcp + (b * Hkv + kv) * S * D, k0,
+      attend_head(qkv.data() + i * nqkv + hd * D, kcp + (b * Hkv + kv) * S * D, vcp + (b * Hkv + kv) * S * D, k0,
                   slot, D, fs, sc.data(), y);
     }
   });
-  linear(wo, ko, C, att.data(), B, H * D, o.data(), level);
-  for (int64_t i = 0; i < B * C; ++i) x[i] = x[i] + o[i];
-  for (int64_t b = 0; b < B; ++b) rmsnorm(x + b * C, ln2.data_ptr<float>(), fe, C, h.data() + b * C);
-  linear(wgu, kgu, 2 * inter, h.data(), B, C, gu.data(), level);
-  for (int64_t b = 0; b < B; ++b) silu_mul(gu.data() + b * 2 * inter, gu.data() + b * 2 * inter + inter, inter,
-                                           h.data() + b * inter);
-  linear(wd, kd, C, h.data(), B, inter, o.data(), level);
-  for (int64_t i = 0; i < B * C; ++i) x[i] = x[i] + o[i];
+  linear(wo, ko, C, att.data(), R, H * D, o.data(), level);
+  for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
+  for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ln2.data_ptr<float>(), fe, C, h.data() + i * C);
+  linear(wgu, kgu, 2 * inter, h.data(), R, C, gu.data(), level);
+  for (int64_t i = 0; i < R; ++i)
+    silu_mul(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, h.data() + i * inter);
+  linear(wd, kd, C, h.data(), R, inter, o.data(), level);
+  for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
   return out;
 }
 
@@ -217,7 +227,7 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& ln1, co
 
 TORCH_LIBRARY_FRAGMENT(camelid, m) {
   m.def("decode_layer(Tensor x, Tensor ln1, Tensor ln2, float eps, Tensor wqkv, int kqkv, Tensor wo, int ko, "
-        "Tensor wgu, int kgu, Tensor wd, int kd, Tensor(a!) kc, Tensor(b!) vc, int slot, Tensor key_start, "
+        "Tensor wgu, int kgu, Tensor wd, int kd, Tensor(a!) kc, Tensor(b!) vc, Tensor slots, Tensor key_start, "
         "Tensor cos, Tensor sin, int heads, int kv_heads, int inter, float scale) -> Tensor");
 }
 

@@ -1,0 +1,312 @@
+"""camelid's own CPU kernels (camelid/kernels) against float64 references and against each other.
+
+Bounds are derived, not tuned: a float32 sum of n terms is within n * 2^-24 * sum|terms| of the
+exact sum (plus one rounding per product), so each check is `|kernel - float64| <= (n + 4) *
+2^-23 * (|x| @ |W|^T)`, which holds on any x86 CPU. The paths (AVX-512, AVX2, portable) are
+compared to the bit: they do the same float32 operations in the same order.
+"""
+
+import math
+import subprocess
+import sys
+import warnings
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+
+import camelid.kernels as K
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="camelid's kernels are not built on this machine")
+
+EPS = 2.0 ** -23
+FORMATS = {"q4_0": (K.Q4_0, Q.Q4_0), "q4_1": (K.Q4_1, Q.Q4_1), "q8_0": (K.Q8_0, Q.Q8_0)}
+
+
+def isas():
+    """Every path this CPU can run, the portable one included."""
+    order = ["scalar", "avx2", "avx512"]
+    return order[:order.index(K.best_isa()) + 1]
+
+
+def blocks_of(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    qtype, gtype = FORMATS[fmt]
+    raw = torch.from_numpy(gguf_quantize(w.numpy(), gtype))
+    return K.file_blocks(raw, *w.shape, qtype)
+
+
+def run(x, raw, qtype, isa=None):
+    packed = K.repack(raw, qtype)
+    if isa is None:
+        return K.quant_linear(x, packed, qtype, raw.shape[0])
+    with K.forced_isa(isa):
+        return K.quant_linear(x, packed, qtype, raw.shape[0])
+
+
+def bound(xq: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    return (n + 4) * EPS * (xq.abs().double() @ w.abs().double().t()) + 1e-30
+
+
+# ---------------------------------------------------------------------- layouts
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_blocks_dequantize_like_the_gguf_package_and_repack_round_trips(fmt):
+    qtype, gtype = FORMATS[fmt]
+    w = torch.randn(37, 96)
+    raw = blocks_of(w, fmt)
+    want = gguf_dequantize(raw.reshape(37, -1).numpy(), gtype)
+    assert torch.equal(K.dequantize(raw, qtype), torch.from_numpy(want).float())
+    packed = K.repack(raw, qtype)
+    assert tuple(packed.shape) == (3, 3, K.TILE_BYTES[qtype])
+    assert torch.equal(K.unrepack(packed, qtype, 37), raw)
+    ids = torch.tensor([0, 36, 17, 16, 15])
+    assert torch.equal(K.packed_rows(packed, qtype, ids), K.dequantize(raw, qtype)[ids])
+
+
+def test_float_tiles_round_trip():
+    w = torch.randn(37, 50)
+    t = K.tile(w)
+    assert tuple(t.shape) == (3, 50, 16) and torch.equal(K.untile(t, 37), w)
+
+
+# ---------------------------------------------------------------------- quantized products
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,Kin,M", [(1, 32, 1), (37, 96, 2), (17, 352, 3), (64, 576, 17), (200, 1536, 1)])
+def test_quant_linear_matches_float64_on_the_same_activations(fmt, N, Kin, M):
+    qtype = FORMATS[fmt][0]
+    g = torch.Generator().manual_seed(N * 1000 + Kin + M)
+    w, x = torch.randn(N, Kin, generator=g), torch.randn(M, Kin, generator=g) * 3
+    raw = blocks_of(w, fmt)
+    y = run(x, raw, qtype)
+    ref = K.reference_quant_linear(x, raw, qtype)
+    q, d, _ = K.quantize_act_reference(x)
+    xq = (q.float().view(M, -1, 32) * d[..., None]).reshape(M, Kin)
+    assert (y.double() - ref).abs().le(bound(xq, K.dequantize(raw, qtype), Kin // 32 * 2)).all()
+    # and against the unquantized activations: each input is off by at most half its block's step
+    wd = K.dequantize(raw, qtype).double()
+    exact = x.double() @ wd.t()
+    step = d.double().repeat_interleave(32, 1) / 2  # [M, K]
+    assert (y.double() - exact).abs().le(step @ wd.abs().t() + bound(x, wd, Kin)).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_isa_path_gives_the_same_bits(fmt):
+    qtype = FORMATS[fmt][0]
+    w, x = torch.randn(45, 160), torch.randn(5, 160)
+    raw = blocks_of(w, fmt)
+    outs = {isa: run(x, raw, qtype, isa) for isa in isas()}
+    assert len(outs) >= 2  # the portable path and at least the machine's own
+    for isa, y in outs.items():
+        assert torch.equal(y, outs["scalar"]), isa
+    q, d, s = K.quantize_act_reference(x)
+    for isa in isas():
+        with K.forced_isa(isa):
+            got = torch.ops.camelid.quantize_act(x)
+        assert all(torch.equal(a, b) for a, b in zip(got, (q, d, s))), isa
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_row_gives_the_same_bits_in_any_batch(fmt):
+    qtype = FORMATS[fmt][0]
+    w, x = torch.randn(50, 576), torch.randn(17, 576)
+    raw = blocks_of(w, fmt)
+    packed = K.repack(raw, qtype)
+    whole = K.quant_linear(x, packed, qtype, 50)
+    for M in (1, 2, 3, 5, 16):
+        for start in range(0, 17 - M + 1, M):
+            assert torch.equal(K.quant_linear(x[start:start + M].contiguous(), packed, qtype, 50),
+                               whole[start:start + M])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nan_and_inf_inputs_poison_only_their_row(fmt):
+    qtype = FORMATS[fmt][0]
+    w, x = torch.randn(20, 64), torch.randn(4, 64)
+    raw = blocks_of(w, fmt)
+    clean = run(x, raw, qtype)
+    x[1, 3], x[2, 40] = float("nan"), float("inf")
+    for isa in isas():
+        y = run(x, raw, qtype, isa)
+        assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all(), isa
+        assert torch.equal(y[[0, 3]], clean[[0, 3]]), isa
+
+
+def test_bad_calls_raise_instead_of_reading_out_of_bounds():
+    raw = blocks_of(torch.randn(16, 64), "q8_0")
+    packed = K.repack(raw, K.Q8_0)
+    with pytest.raises(RuntimeError, match="columns"):
+        K.quant_linear(torch.randn(1, 96), packed, K.Q8_0, 16)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        K.quant_linear(torch.randn(1, 64), packed, K.Q4_0, 16)
+    with pytest.raises(RuntimeError, match="no kernel for GGML type 6"):
+        K.quant_linear(torch.randn(1, 64), packed, 6, 16)
+    with pytest.raises(RuntimeError, match="float32"):
+        K.quant_linear(torch.randn(1, 64, dtype=torch.float64), packed, K.Q8_0, 16)
+
+
+# ---------------------------------------------------------------------- float products
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,Kin,M", [(1, 1, 1), (37, 50, 2), (17, 576, 3), (64, 33, 17)])
+def test_dense_linear_matches_float64(dtype, N, Kin, M):
+    w, x = torch.randn(N, Kin).to(dtype), torch.randn(M, Kin)
+    y = K.dense_linear(x, K.tile(w), N)
+    ref = x.double() @ w.double().t()
+    assert (y.double() - ref).abs().le(bound(x, w.float(), Kin)).all()
+    outs = {}
+    for isa in isas():
+        with K.forced_isa(isa):
+            outs[isa] = K.dense_linear(x, K.tile(w), N)
+    assert all(torch.equal(o, outs["scalar"]) for o in outs.values())
+    rows = torch.cat([K.dense_linear(x[i:i + 1].contiguous(), K.tile(w), N) for i in range(M)])
+    assert torch.equal(rows, y)
+
+
+# ---------------------------------------------------------------------- files: fallbacks and corrupt blocks
+
+def tiny_gguf(path, types: dict[str, Q], corrupt: str | None = None):
+    """A 2-layer Llama GGUF (hidden 64, 4 heads of 16, 2 KV heads) with weights in `types` (name
+    -> GGML type; default Q8_0); `corrupt`: a tensor whose first block's scale is set to NaN."""
+    g = torch.Generator().manual_seed(0)
+    C, I, V, L = 64, 128, 96, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(L)
+    w.add_context_length(128)
+    w.add_embedding_length(C)
+    w.add_feed_forward_length(I)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(V)
+    shapes = {"token_embd.weight": (V, C), "output_norm.weight": (C,)}
+    for i in range(L):
+        shapes.update({f"blk.{i}.attn_norm.weight": (C,), f"blk.{i}.ffn_norm.weight": (C,),
+                       f"blk.{i}.attn_q.weight": (C, C), f"blk.{i}.attn_k.weight": (32, C),
+                       f"blk.{i}.attn_v.weight": (32, C), f"blk.{i}.attn_output.weight": (C, C),
+                       f"blk.{i}.ffn_gate.weight": (I, C), f"blk.{i}.ffn_up.weight": (I, C),
+                       f"blk.{i}.ffn_down.weight": (C, I)})
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.add_tensor(name, (1 + 0.1 * torch.randn(shape, generator=g)).numpy())
+            continue
+        qtype = types.get(name, Q.Q8_0)
+        raw = gguf_quantize((0.2 * torch.randn(shape, generator=g)).numpy(), qtype)
+        if name == corrupt:
+            raw[0, 0:2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_gguf_loads_with_its_blocks_and_its_kernels_by_default(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.transforms.quantize import BlockLinear
+
+    path = tiny_gguf(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_0,
+                                           "blk.1.attn_q.weight": Q.Q4_1})
+    model = LlamaForCausalLM.from_pretrained(path)
+    assert isinstance(model.lm_head, BlockLinear) and model.lm_head.format == "q8_0"
+    assert model.model.layers[0].mlp.gate_up_proj.inner.format == "q4_0"
+    assert model.model.layers[1].self_attn.q_proj.format == "q4_1"  # parts of two formats: not fused
+    floats = LlamaForCausalLM.from_pretrained(path, dtype="float32")  # dequantized, for parity work
+    assert not any(isinstance(m, BlockLinear) for m in floats.modules())
+    ids = torch.tensor([[1, 5, 9, 30, 2, 77]])
+    with torch.inference_mode():
+        a, b = model(ids).logits, floats(ids).logits
+    assert (a - b).abs().max() < 0.05 * b.abs().max()  # int8 activations: a small, bounded drift
+
+
+def test_a_type_with_no_kernel_is_dequantized_with_a_one_line_note(tmp_path):
+    from camelid import LlamaForCausalLM
+
+    path = tiny_gguf(tmp_path / "m.gguf", {"blk.0.ffn_down.weight": Q.Q5_0, "blk.1.ffn_down.weight": Q.Q5_0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = LlamaForCausalLM.from_pretrained(path)
+    notes = [str(w.message) for w in caught if "no kernel" in str(w.message)]
+    assert len(notes) == 1 and "Q5_0 (blk.0.ffn_down.weight and 1 more)" in notes[0] and "\n" not in notes[0]
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_a_nan_scale_is_reported_with_the_tensor_name(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.formats import CheckpointError
+
+    path = tiny_gguf(tmp_path / "m.gguf", {}, corrupt="blk.1.attn_v.weight")
+    with pytest.raises(CheckpointError, match=r"blk\.1\.attn_v\.weight: block 0 of row 0 has a NaN"):
+        LlamaForCausalLM.from_pretrained(path)
+
+
+def test_without_a_compiler_camelid_warns_once_and_runs_on_torch(tmp_path):
+    code = ("import warnings, torch; warnings.simplefilter('always')\n"
+            "from camelid import LlamaForCausalLM\nimport camelid.kernels as K\n"
+            f"m = LlamaForCausalLM.from_pretrained({str(tiny_gguf(tmp_path / 'm.gguf', {}))!r})\n"
+            "print('available', K.available(), m.dtype, tuple(m(torch.tensor([[1, 2]])).logits.shape))")
+    env = {"CAMELID_HOME": str(tmp_path / "home"), "CXX": "/bin/false", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "available False torch.float32 (1, 2, 96)" in r.stdout  # dequantized, on torch's kernels
+    notes = [line for line in r.stderr.splitlines() if "native CPU kernels unavailable" in line]
+    assert len(notes) == 1
+
+
+# ---------------------------------------------------------------------- the fused decode layer
+
+def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.core.cache import KVCache
+
+    path = tiny_gguf(tmp_path / "m.gguf", {n: Q.Q4_1 for n in ("blk.0.ffn_gate.weight", "blk.0.ffn_up.weight")})
+    model = LlamaForCausalLM.from_pretrained(path)
+    assert all(layer.fused_step is not None for layer in model.model.layers)
+    ids = torch.tensor([[0, 0, 4, 8, 15, 16], [1, 23, 42, 7, 9, 11]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    steps = []
+    for fused in (True, False):
+        saved = [layer.fused_step for layer in model.model.layers]
+        if not fused:
+            for layer in model.model.layers:
+                layer.fused_step = None
+        cache = KVCache(model.config, 2, 16)
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, cache=cache, cache_position=torch.arange(6))
+            m2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            steps.append(model(torch.tensor([[5], [6]]), attention_mask=m2, cache=cache,
+                               cache_position=torch.tensor([6])).logits)
+        for layer, s in zip(model.model.layers, saved):
+            layer.fused_step = s
+    a, b = steps
+    # float32 RMSNorm / RoPE / softmax / SiLU computed in another order: a few float32 ulps of
+    # the hidden state, amplified by at most the int8 rounding of one activation block
+    assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+
+
+@pytest.mark.slow
+def test_default_model_batch_of_16_is_bit_identical_to_each_prompt_alone(smollm2_gguf, smollm2_tokenizer):
+    from camelid import LlamaForCausalLM
+    from camelid.generation.generate import generate_tokens
+
+    model = LlamaForCausalLM.from_pretrained(smollm2_gguf)
+    assert model.quantization_config["format"] == "q4_1"
+    words = "the cat sat on a mat while seven quiet rivers ran past old stone bridges under grey skies".split()
+    prompts = [smollm2_tokenizer.encode(" ".join(words[: 1 + (3 * i) % len(words)])) for i in range(16)]
+
+    def greedy(rows):
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        steps = list(generate_tokens(model, ids, mask, max_new_tokens=6))
+        return torch.stack([s.tokens for s in steps], 1)
+
+    alone = torch.cat([greedy([p]) for p in prompts])
+    for B in (2, 5, 16):
+        assert torch.equal(greedy(prompts[:B]), alone[:B]), B
