@@ -15,7 +15,6 @@ camelid's bfloat16 default float path and float32 against transformers float32 o
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -24,15 +23,26 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from bench_files import make_files  # noqa: E402
 
 
 # ---------------------------------------------------------------------- children (one engine each)
+
+def peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM: unlike ru_maxrss it starts afresh at exec, so a
+    child does not inherit its parent's peak)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
 
 def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from camelid.evaluate.benchmark import measure, peak_rss, prompts, timed
+    from camelid.evaluate.benchmark import measure, prompts, timed
 
     if args.engine == "llama.cpp":
         from llama_cpp import Llama
@@ -138,33 +148,6 @@ def bandwidth(threads: int) -> float:
     return x.numel() * 4 / sorted(times)[2] / 1e9
 
 
-def make_files(source: Path) -> dict[str, Path]:
-    """The shipped Q4_1 and llama.cpp's own Q4_0 / Q8_0 of camelid's f16 export (cached)."""
-    import llama_cpp
-
-    from camelid.formats.hub import cache_dir
-
-    out = cache_dir() / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"q4_1": source, "f16": out / "smollm2-135m-f16.gguf"}
-    if not files["f16"].is_file():
-        from camelid import LlamaForCausalLM
-        from camelid.text.gguf_vocab import save_gguf
-
-        save_gguf(LlamaForCausalLM.from_pretrained(source, dtype="float32", pack=False), files["f16"], dtype="f16",
-                  tokenizer=source)
-    for name, ftype in (("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)):
-        files[name] = out / f"smollm2-135m-{name}.gguf"
-        if not files[name].is_file():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.nthread = ftype, 2
-            tmp = files[name].with_suffix(".tmp")
-            if llama_cpp.llama_model_quantize(str(files["f16"]).encode(), str(tmp).encode(), ctypes.byref(params)):
-                raise RuntimeError(f"llama_model_quantize failed for {name}")
-            tmp.rename(files[name])
-    return files
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -185,11 +168,9 @@ def main():
     import torch
 
     import camelid.kernels as kernels
-    from camelid.formats.hub import pull
-
     kernels.available()
     bw = bandwidth(args.threads)
-    files = make_files(pull())
+    files = make_files()
     print(f"{args.threads} threads, torch {torch.__version__}, camelid kernels: {kernels.isa()}; "
           f"DRAM read {bw:.1f} GB/s (float32 sum over 1 GiB)")
     t = args.threads

@@ -125,8 +125,11 @@ def _finish(model, adapter, pack):
     if pack is False:
         return model
     if pack and not can_pack(model):
-        raise ValueError("pack=True needs a CPU model in float32 or bfloat16 and a torch built with oneDNN")
-    return pack_model(model)  # what can be packed (CPU, float32/bfloat16); the rest as it is
+        raise ValueError("pack=True needs a CPU model in float32 or bfloat16 and camelid's kernels or a torch "
+                         "built with oneDNN")
+    if kernels.available() and can_pack(model):  # camelid's float tiles, q/k/v and gate/up fused, and
+        return fused_decode(pack_model(fuse(model)))  # decode steps one native call per layer
+    return pack_model(model)  # oneDNN's layout where it can (CPU, float32/bfloat16); the rest as it is
 
 
 def _placement(path, dtype, device, device_map, max_memory, quantized):

@@ -1,4 +1,6 @@
-"""camelid.transforms.packed: oneDNN-packed linears for CPU inference (the default on CPU loads)."""
+"""camelid.transforms.packed: the CPU inference layouts (the default on CPU loads): camelid's own
+float tiles (TiledLinear) where its kernels are built, else oneDNN-packed linears. Every test runs
+on both layouts (the `layout` fixture)."""
 
 import pytest
 import torch
@@ -13,6 +15,17 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=64)
 
 
+@pytest.fixture(autouse=True, params=["tiles", "onednn"])
+def layout(request, monkeypatch):
+    import camelid.kernels as kernels
+
+    if request.param == "tiles" and not kernels.available():
+        pytest.skip("camelid's kernels are not built here")
+    if request.param == "onednn":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    return request.param
+
+
 def tiny(tied=True, bias=False, dtype=torch.float32):
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tied, attention_bias=bias)).to(dtype).eval()
@@ -20,7 +33,7 @@ def tiny(tied=True, bias=False, dtype=torch.float32):
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_model_computes_the_same_logits(tied, bias):
+def test_packed_model_computes_the_same_logits(tied, bias, layout):
     model = tiny(tied, bias)
     ids = torch.randint(0, 96, (3, 11))
     with torch.no_grad():
@@ -28,7 +41,8 @@ def test_packed_model_computes_the_same_logits(tied, bias):
         packed.pack(model)
         out = model(ids).logits
     assert packed.is_packed(model)
-    assert sum(isinstance(m, packed.PackedLinear) for m in model.modules()) == 2 * 7 + 1
+    kind = packed.TiledLinear if layout == "tiles" else packed.PackedLinear
+    assert sum(type(m) is kind for m in model.modules()) == 2 * 7 + 1
     assert (out - ref).abs().max() <= 1e-4
 
 
@@ -119,7 +133,9 @@ def test_moving_a_packed_model_off_the_cpu_or_to_float16_is_a_clear_error():
         model.to(torch.float16)
 
 
-def test_bfloat16_is_left_unpacked_where_onednn_cannot_run_it(monkeypatch):
+def test_bfloat16_is_left_unpacked_where_onednn_cannot_run_it(monkeypatch, layout):
+    if layout == "tiles":
+        pytest.skip("camelid's tiles take bfloat16 on any x86 CPU")
     monkeypatch.setattr(packed, "bf16_supported", lambda: False)
     model = tiny(dtype=torch.bfloat16)
     assert not packed.can_pack(model) and not packed.is_packed(packed.pack(model))
@@ -127,7 +143,7 @@ def test_bfloat16_is_left_unpacked_where_onednn_cannot_run_it(monkeypatch):
 
 
 @pytest.mark.skipif(not packed.bf16_supported(), reason="oneDNN bfloat16 needs AVX-512 or AVX-NE-CONVERT")
-def test_bfloat16_packs_too():
+def test_bfloat16_packs_too(layout):
     model = tiny(dtype=torch.bfloat16)
     ids = torch.randint(0, 96, (2, 7))
     with torch.no_grad():

@@ -212,7 +212,7 @@ class LlamaModel(nn.Module):
         if input_ids is not None:
             check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-        x = inputs_embeds
+        x = inputs_embeds.to(self.norm.weight.dtype)  # the compute dtype (bfloat16 tables, float32 math)
         B, T, _ = x.shape
         if cache_position is None:
             cache_position = torch.arange(T, device=x.device)

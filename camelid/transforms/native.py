@@ -23,6 +23,7 @@ from torch import nn
 
 import camelid.kernels as kernels
 from camelid.transforms.fuse import FusedLinear
+from camelid.transforms.packed import TiledLinear
 from camelid.transforms.quantize import BlockLinear
 
 
@@ -34,9 +35,13 @@ def _kind(layer: nn.Module) -> tuple[torch.Tensor, int] | None:
         return None
     if type(layer) is BlockLinear:
         return layer.qweight, layer.qtype
-    if type(layer).__name__ == "TiledLinear":
-        return layer.tiles, layer.kind
+    if type(layer) is TiledLinear:
+        return layer.weight, layer.kind
     return None
+
+
+def _current(layer: nn.Module):
+    return layer._buffers.get("qweight") if type(layer) is BlockLinear else layer._parameters.get("weight")
 
 
 class FusedStep:
@@ -55,11 +60,14 @@ class FusedStep:
         self.shape = (self.heads, self.kv_heads, self.inter, self.scale)
 
     def ready(self) -> bool:
-        attn, mlp, layer = self.layer.self_attn, self.layer.mlp, self.layer
-        m = self.modules
-        return (attn.qkv_proj is m[0] and attn.o_proj is m[1] and mlp.gate_up_proj is m[2] and mlp.down_proj is m[3]
-                and layer.input_layernorm.weight is m[4].weight and layer.post_attention_layernorm.weight is m[5].weight
-                and m[4].weight.dtype == torch.float32 and _kind(m[0].inner)[0] is self.weights[3])
+        """The layer still holds what this step was built from (read through _modules/_parameters:
+        nn.Module's __getattr__ would cost more than the check is worth, every step)."""
+        layer, m, w = self.layer._modules, self.modules, self.weights
+        attn, mlp = layer["self_attn"]._modules, layer["mlp"]._modules
+        return (attn["qkv_proj"] is m[0] and attn["o_proj"] is m[1] and mlp["gate_up_proj"] is m[2]
+                and mlp["down_proj"] is m[3] and layer["input_layernorm"]._parameters["weight"] is w[0]
+                and layer["post_attention_layernorm"]._parameters["weight"] is w[1]
+                and w[0].dtype == torch.float32 and _current(m[0]._modules["inner"]) is w[3])
 
     def __call__(self, x, k_cache, v_cache, slot: int, key_start, cos, sin):
         return torch.ops.camelid.decode_layer(x, *self.weights, k_cache, v_cache, slot, key_start, cos, sin, *self.shape)

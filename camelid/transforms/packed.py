@@ -1,5 +1,8 @@
-"""CPU inference layout: nn.Linear -> PackedLinear, the weight reordered into oneDNN's blocked
-layout once, and every product through oneDNN's linear (the kernel torch's inductor uses on CPU).
+"""CPU inference layout: nn.Linear -> TiledLinear, the weight in 16-row tiles for camelid's own
+float kernel (camelid/kernels: batch-invariant by construction, float32 or bfloat16 weights,
+float32 sums), or, where camelid's kernels are not built, PackedLinear: the weight reordered into
+oneDNN's blocked layout once, every product through oneDNN's linear (inductor's CPU kernel).
+The oneDNN figures and the reason for its two-row trick:
 
 Why, measured on the default model's 211 linear weights at 2 threads (bench/generate.py shows
 the end-to-end effect):
@@ -25,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import camelid.kernels as kernels
+
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+F32_TILES, BF16_TILES = 0, 30  # the kernels' weight kinds (csrc/layer.cpp)
 
 
 def available() -> bool:
@@ -107,6 +113,73 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
+class TiledLinear(PackedLinear):
+    """A frozen linear layer for camelid's own float kernel (camelid/kernels/csrc/dense.cpp): the
+    weight Parameter holds [ceil(N/16), K, 16] tiles in float32 or bfloat16; activations and sums
+    are float32 whatever the weight's dtype (bfloat16 weights are converted exactly), and a row's
+    result never depends on the batch (no two-row trick needed). state_dict yields the dense weight."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        self.kind = BF16_TILES if w.dtype == torch.bfloat16 else F32_TILES
+        self.weight = nn.Parameter(kernels.tile(w.contiguous()), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dense_tensor(self) -> torch.Tensor:
+        return kernels.untile(self.weight.detach(), self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, self.dense_tensor().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = kernels.dense_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight, self.out_features)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+
+    def dense(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.weight.dtype, device="meta")
+        linear.weight = nn.Parameter(self.dense_tensor())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
+    def _apply(self, fn, recurse=True):
+        w = fn(self.dense_tensor())
+        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
+            raise RuntimeError("a tiled model stays on the CPU in float32/bfloat16: call "
+                               "camelid.transforms.packed.unpack(model) before moving it or changing its dtype")
+        self.kind = BF16_TILES if w.dtype == torch.bfloat16 else F32_TILES
+        self.weight = nn.Parameter(kernels.tile(w.contiguous()), requires_grad=False)
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dense_tensor()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+            return
+        w = state_dict[prefix + "weight"]
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)}, expected "
+                              f"{(self.out_features, self.in_features)}")
+            return
+        self.weight = nn.Parameter(kernels.tile(w.to(self.weight.dtype).contiguous()), requires_grad=False)
+        if self.bias is not None and prefix + "bias" in state_dict:
+            self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().to(self.bias.dtype), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"tiled {str(self.weight.dtype).removeprefix('torch.')}")
+
+
 def bf16_supported() -> bool:
     """oneDNN's bfloat16 linear needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU
     its weight reorder fails, so bfloat16 models stay unpacked there."""
@@ -115,8 +188,9 @@ def bf16_supported() -> bool:
 
 def can_pack(model: nn.Module) -> bool:
     p = next(model.parameters())
-    return (available() and p.device.type == "cpu" and p.dtype in PACKED_DTYPES
-            and (p.dtype != torch.bfloat16 or bf16_supported()))
+    if p.device.type != "cpu" or p.dtype not in PACKED_DTYPES:
+        return False
+    return kernels.available() or (available() and (p.dtype != torch.bfloat16 or bf16_supported()))
 
 
 def pack(model: nn.Module) -> nn.Module:
@@ -124,11 +198,19 @@ def pack(model: nn.Module) -> nn.Module:
     the embedding keeps the dense one). Returns the model, in eval mode."""
     if not can_pack(model):
         return model
+    layer = TiledLinear if kernels.available() else PackedLinear  # camelid's kernel, else oneDNN's
     model.eval()
+    if layer is TiledLinear and next(model.parameters()).dtype == torch.bfloat16:
+        # bfloat16 weights, float32 compute (as llama.cpp runs BF16 files): the norms go to float32,
+        # so activations, the KV cache and the decode step do; the linears keep bfloat16 tiles and
+        # the embedding its bfloat16 rows (the model casts them)
+        for m in model.modules():
+            if hasattr(m, "variance_epsilon") and isinstance(getattr(m, "weight", None), nn.Parameter):
+                m.weight = nn.Parameter(m.weight.detach().float(), requires_grad=False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, child_name, PackedLinear(child))
+                setattr(module, child_name, layer(child))
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if embed is not None and not embed.weight.is_contiguous():  # no longer shared with lm_head: rows
         embed.weight = nn.Parameter(embed.weight.detach().contiguous(), requires_grad=False)  # read fastest
@@ -152,6 +234,8 @@ def is_packed(model: nn.Module) -> bool:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of an nn.Linear or a PackedLinear as an ordinary tensor."""
+    """The [out, in] weight of an nn.Linear, a PackedLinear or a TiledLinear as an ordinary tensor."""
+    if isinstance(module, TiledLinear):
+        return module.dense_tensor()
     w = module.weight
     return w.to_dense() if w.is_mkldnn else w

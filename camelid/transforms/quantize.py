@@ -339,7 +339,10 @@ class BlockLinear(QuantizedLinear):
         return kernels.dequantize(self.blocks(), self.qtype).to(dtype)
 
     def rows(self, ids):  # (T,) -> (T, K)
-        return kernels.packed_rows(self.qweight, self.qtype, torch.as_tensor(ids).reshape(-1))
+        ids = torch.as_tensor(ids).reshape(-1).long()
+        if kernels.available():
+            return torch.ops.camelid.quant_rows(self.qweight, self.qtype, ids, self.out_features)
+        return kernels.packed_rows(self.qweight, self.qtype, ids)
 
     def state(self):
         return {"qweight": self.blocks().reshape(self.out_features, -1),

@@ -120,6 +120,63 @@ static at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, int64_t
   return y;
 }
 
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);
+  else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+  else if (!man) bits = sign;
+  else {
+    int e = -1;
+    uint32_t m = man;
+    do { m <<= 1; ++e; } while (!(m & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | (m & 0x3ff) << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Rows `ids` of a repacked table, dequantized: float32 [len(ids), K] (embedding lookups). The same
+// values as camelid.kernels.packed_rows (d * q, d * (q - 8) or d * q + m, each rounded once).
+static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tensor& ids, int64_t n) {
+  const int BB = block_bytes(int(qtype));
+  TORCH_CHECK(BB > 0 && w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous() && w.size(2) == BB &&
+                  (n + TILE - 1) / TILE == w.size(0),
+              "camelid::quant_rows: weight must be contiguous uint8 tiles of GGML type ", qtype);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "camelid::quant_rows: ids must be int64 [n]");
+  auto idc = ids.contiguous();
+  const int64_t J = w.size(1), K = 32 * J, L = idc.numel(), hdr = qtype == Q4_1 ? 64 : 32;
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < L; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "camelid::quant_rows: row ", ip[i], " outside [0, ", n, ")");
+  auto out = at::empty({L, K}, w.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t t = ip[i] / TILE, r = ip[i] % TILE;
+    for (int64_t j = 0; j < J; ++j) {
+      const uint8_t* b = wp + (t * J + j) * BB;
+      uint16_t dh, mh = 0;
+      std::memcpy(&dh, b + 2 * r, 2);
+      if (qtype == Q4_1) std::memcpy(&mh, b + 32 + 2 * r, 2);
+      const float d = half_to_float(dh), m = half_to_float(mh);
+      float* o = op + i * K + 32 * j;
+      for (int k = 0; k < 32; ++k) {
+        if (qtype == Q8_0) {
+          o[k] = d * float(int8_t(b[hdr + 64 * (k / 4) + 4 * r + k % 4]));
+        } else {
+          const int kk = k % 16;
+          const uint8_t byte = b[hdr + 64 * (kk / 4) + 4 * r + kk % 4];
+          const int q = k < 16 ? byte & 15 : byte >> 4;
+          o[k] = qtype == Q4_0 ? d * float(q - 8) : d * float(q) + m;
+        }
+      }
+    }
+  }
+  return out;
+}
+
 static int64_t isa_op() { return isa(); }
 static int64_t best_isa_op() { return best_isa(); }
 static int64_t set_isa_op(int64_t level) {
@@ -133,6 +190,7 @@ TORCH_LIBRARY(camelid, m) {
   m.def("quantize_act(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("quant_linear(Tensor x, Tensor w, int qtype, int n) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor w, int n) -> Tensor");
+  m.def("quant_rows(Tensor w, int qtype, Tensor ids, int n) -> Tensor");
   m.def("isa() -> int", &camelid::isa_op);
   m.def("best_isa() -> int", &camelid::best_isa_op);
   m.def("set_isa(int level) -> int", &camelid::set_isa_op);
@@ -142,4 +200,5 @@ TORCH_LIBRARY_IMPL(camelid, CPU, m) {
   m.impl("quantize_act", &camelid::quantize_act);
   m.impl("quant_linear", &camelid::quant_linear);
   m.impl("dense_linear", &camelid::dense_linear);
+  m.impl("quant_rows", &camelid::quant_rows);
 }
