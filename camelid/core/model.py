@@ -185,7 +185,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.fused_step = None  # this layer's decode step as one native call (camelid.transforms.native)
 
     def forward(self, x, rope, groups, cache=None, slots=None, kv_len=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, groups, cache, slots, kv_len)
@@ -204,6 +203,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = None if config.alibi else LlamaRotaryEmbedding(config)
         self.alibi_slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
         self.gradient_checkpointing = False
+        self.fused_decode = None  # every layer of a decode step in one native call (camelid.transforms.native)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 cache: KVCache | None = None, cache_position=None, output_hidden_states=False):
@@ -245,9 +245,7 @@ class LlamaModel(nn.Module):
         if key_start is not None:  # a decode step, every layer one native call
             B, T, C = x.shape
             cos, sin = (t.expand(B, T, -1).reshape(B * T, -1).contiguous() for t in rope)
-            h, slots = x.reshape(B * T, C).contiguous(), slots.to(torch.long)
-            for i, layer in enumerate(self.layers):
-                h = layer.fused_step(h, cache.k[i], cache.v[i], slots, key_start, cos, sin)
+            h = self.fused_decode(x.reshape(B * T, C).contiguous(), cache, slots.to(torch.long), key_start, cos, sin)
             return self.norm(h.view(B, T, C)), None
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
@@ -271,7 +269,7 @@ class LlamaModel(nn.Module):
         float32 KVCache, every query attending causally to its own row's keys, no gradient), else
         None: the PyTorch layers run. A prompt's prefill (slot 0 on) always runs them, whatever its
         length, so a prompt alone and in a batch are prefilled by the same code."""
-        if self.layers[0].fused_step is None or torch.compiler.is_compiling():
+        if self.fused_decode is None or torch.compiler.is_compiling():
             return None  # decided before any shape is read: tracing must not guard on T
         B, T, _ = x.shape
         if (T > FUSED_QUERIES or cache is None or type(cache).update is not KVCache.update or rope is None
@@ -281,7 +279,7 @@ class LlamaModel(nn.Module):
                 or torch.compiler.is_compiling() or int(slots[0]) == 0 or int(slots[-1]) != kv_len - 1
                 or (T > 1 and not bool((slots[1:] - slots[:-1] == 1).all()))):
             return None
-        if not all(layer.fused_step is not None and layer.fused_step.ready() for layer in self.layers):
+        if not self.fused_decode.ready():
             return None
         starts = [kv_len] * B  # a row in no group has only padding: no keys
         for g in plan:

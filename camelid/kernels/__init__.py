@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized"]
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-Wno-maybe-uninitialized"]
+LDFLAGS = ["-fopenmp"]  # libgomp.so.1: at run time the copy torch has loaded already
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512"}
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
 QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}
@@ -56,21 +57,24 @@ def _key() -> str:
     h = hashlib.sha256()
     for p in SOURCES:
         h.update(p.read_bytes())
-    h.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS}".encode())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS} {LDFLAGS}".encode())
     return h.hexdigest()[:16]
 
 
 def build(verbose: bool = False) -> Path:
     """Compile the library if its cached copy is missing; returns the .so path (raises on failure)."""
     directory = _home() / "kernels" / _key()
-    lib = directory / "camelid_kernels.so"
-    if not lib.is_file():
-        from torch.utils.cpp_extension import load
+    built = sorted(directory.glob("camelid_kernels*.so"), key=lambda p: p.stat().st_mtime)
+    if built:
+        return built[-1]
+    from torch.utils.cpp_extension import load
 
-        directory.mkdir(parents=True, exist_ok=True)
-        load("camelid_kernels", [str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=CFLAGS,
-             build_directory=str(directory), is_python_module=False, verbose=verbose)
-    return lib
+    directory.mkdir(parents=True, exist_ok=True)
+    # copies: load() appends to the lists it is given (which would change _key() in this process)
+    load("camelid_kernels", [str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=list(CFLAGS),
+         extra_ldflags=list(LDFLAGS), build_directory=str(directory), is_python_module=False, verbose=verbose)
+    _state["loaded"] = True  # load() has loaded it into this process
+    return sorted(directory.glob("camelid_kernels*.so"), key=lambda p: p.stat().st_mtime)[-1]
 
 
 def available() -> bool:
@@ -84,8 +88,9 @@ def available() -> bool:
             return False
         try:
             lib = build()
-            if not hasattr(torch.ops.camelid, "quant_linear"):
+            if not _state.get("loaded"):
                 torch.ops.load_library(str(lib))
+                _state["loaded"] = True
             _register_fakes()
             _state["ok"] = True
         except Exception as e:  # no compiler, a failed build: camelid still works, on torch's kernels

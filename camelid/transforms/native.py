@@ -1,13 +1,13 @@
 """Decode steps in one native call per layer: model -> model.
 
-    model = fused_decode(model)   # each decoder layer gets a `fused_step` (camelid/kernels/csrc/layer.cpp)
+    model = fused_decode(model)   # model.model.fused_decode (camelid/kernels/csrc/layer.cpp)
 
-A decode step (one new token per row, float32 activations, a float32 KVCache) then runs each
-layer as one torch.ops.camelid.decode_layer call: RMSNorm, the q/k/v product, RoPE, the cache
+A decode step (a few new tokens per row, float32 activations, a float32 KVCache) then runs every
+layer in one torch.ops.camelid.decode_layers call, one OpenMP team for the whole step: RMSNorm, the q/k/v product, RoPE, the cache
 write, attention over the row's own keys, the output product and residual, RMSNorm, gate/up,
 SiLU * up, down and residual, with no Python or small torch ops in between. Measured on the
-default model (2 threads): ~220 us of a layer's decode time was outside the matrix kernels in the
-PyTorch layer; the fused layer spends ~XX us there (bench/cpu.py). Everything else (prefill,
+default model (2 threads, AMD EPYC, Q4_1): the PyTorch layer spent ~220 us per layer outside the
+matrix kernels; one native call per layer ~25 us; one call for all layers less (bench/cpu.py). Everything else (prefill,
 speculative verification, training, masks with holes, ALiBi) runs the PyTorch layer, which stays
 the reference (tests/test_kernels.py compares the two).
 
@@ -45,32 +45,44 @@ def _current(layer: nn.Module):
 
 
 class FusedStep:
-    """A decoder layer's decode step as one native call; `ready()` is False once the layer changed."""
+    """What one decoder layer gives the fused step; `ready()` is False once the layer changed."""
 
-    def __init__(self, layer: nn.Module, config):
+    def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.layer = layer
-        self.modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj,
-                        layer.input_layernorm, layer.post_attention_layernorm)
-        self.heads, self.kv_heads = attn.num_heads, attn.num_kv_heads
-        self.inter, self.scale = config.intermediate_size, attn.scale
-        self.eps = layer.input_layernorm.variance_epsilon
-        (wqkv, kqkv), (wo, ko), (wgu, kgu), (wd, kd) = (_kind(m) for m in self.modules[:4])
-        self.weights = (self.modules[4].weight, self.modules[5].weight, self.eps, wqkv, kqkv, wo, ko, wgu, kgu, wd, kd)
-        self.shape = (self.heads, self.kv_heads, self.inter, self.scale)
+        self.modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        self.norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        self.weights = tuple(_kind(m) for m in self.modules)  # (tensor, kind) per product
 
     def ready(self) -> bool:
         """The layer still holds what this step was built from (read through _modules/_parameters:
         nn.Module's __getattr__ would cost more than the check is worth, every step)."""
-        layer, m, w = self.layer._modules, self.modules, self.weights
+        layer, m = self.layer._modules, self.modules
         attn, mlp = layer["self_attn"]._modules, layer["mlp"]._modules
         return (attn["qkv_proj"] is m[0] and attn["o_proj"] is m[1] and mlp["gate_up_proj"] is m[2]
-                and mlp["down_proj"] is m[3] and layer["input_layernorm"]._parameters["weight"] is w[0]
-                and layer["post_attention_layernorm"]._parameters["weight"] is w[1]
-                and w[0].dtype == torch.float32 and _current(m[0]._modules["inner"]) is w[3])
+                and mlp["down_proj"] is m[3] and layer["input_layernorm"]._parameters["weight"] is self.norms[0]
+                and layer["post_attention_layernorm"]._parameters["weight"] is self.norms[1]
+                and self.norms[0].dtype == torch.float32 and _current(m[0]._modules["inner"]) is self.weights[0][0])
 
-    def __call__(self, x, k_cache, v_cache, slot: int, key_start, cos, sin):
-        return torch.ops.camelid.decode_layer(x, *self.weights, k_cache, v_cache, slot, key_start, cos, sin, *self.shape)
+
+class FusedDecode:
+    """Every decoder layer of a decode step as one torch.ops.camelid.decode_layers call."""
+
+    def __init__(self, model: nn.Module):
+        config, attn = model.config, model.model.layers[0].self_attn
+        self.steps = [FusedStep(layer) for layer in model.model.layers]
+        cols = list(zip(*(s.weights for s in self.steps)))  # per product: ((tensor, kind) per layer)
+        self.args = ([s.norms[0] for s in self.steps], [s.norms[1] for s in self.steps],
+                     model.model.layers[0].input_layernorm.variance_epsilon,
+                     *(x for col in cols for x in ([w for w, _ in col], [k for _, k in col])))
+        self.shape = (attn.num_heads, attn.num_kv_heads, config.intermediate_size, attn.scale)
+
+    def ready(self) -> bool:
+        return all(s.ready() for s in self.steps)
+
+    def __call__(self, x, cache, slots, key_start, cos, sin):
+        """x [B*T, C] float32 -> after every layer; K/V written into cache at slots [T]."""
+        return torch.ops.camelid.decode_layers(x, *self.args, cache.k, cache.v, slots, key_start, cos, sin, *self.shape)
 
 
 def can_fuse_decode(layer: nn.Module, config) -> bool:
@@ -81,11 +93,11 @@ def can_fuse_decode(layer: nn.Module, config) -> bool:
 
 
 def fused_decode(model: nn.Module) -> nn.Module:
-    """Give every decoder layer that qualifies its one-call decode step, in place (a no-op
-    without camelid's kernels)."""
-    if not kernels.available():
-        return model
-    for layer in model.model.layers:
-        if can_fuse_decode(layer, model.config):
-            layer.fused_step = FusedStep(layer, model.config)
+    """Give the model its one-call decode step, in place, when every decoder layer qualifies (a
+    no-op without camelid's kernels, or when one layer does not: the steps run the PyTorch layers)."""
+    if kernels.available() and all(can_fuse_decode(layer, model.config) for layer in model.model.layers):
+        eps = {layer.input_layernorm.variance_epsilon for layer in model.model.layers}
+        eps |= {layer.post_attention_layernorm.variance_epsilon for layer in model.model.layers}
+        if len(eps) == 1:
+            model.model.fused_decode = FusedDecode(model)
     return model

@@ -17,6 +17,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -37,28 +40,6 @@ static void check_weight(const at::Tensor& w, int64_t kind, int64_t n, int64_t K
                 "camelid::decode_layer: ", what, " must be GGML type ", kind, " tiles [", T, ", ", K / 32, ", ",
                 block_bytes(int(kind)), "], got ", w.sizes());
   }
-}
-
-// y [M, n] = x [M, K] @ W^T through the kernel for the weight's kind.
-static void linear(const at::Tensor& w, int64_t kind, int64_t n, const float* x, int64_t M, int64_t K, float* y,
-                   int level) {
-  const int64_t T = w.size(0);
-  if (kind == F32_TILES || kind == BF16_TILES) {
-    const void* wp = w.data_ptr();
-    at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
-      dgemm_tiles(kind == BF16_TILES, wp, K, b, e, n, x, M, y, n, level);
-    });
-    return;
-  }
-  const int64_t J = K / 32;
-  std::vector<int8_t> q(M * K);
-  std::vector<float> d(M * J);
-  std::vector<int32_t> s(M * J);
-  quantize_rows(x, M, K, q.data(), d.data(), s.data(), level);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
-    qgemm_tiles(int(kind), wp, J, b, e, n, q.data(), d.data(), s.data(), M, y, n, level);
-  });
 }
 
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -139,96 +120,172 @@ static void rope(float* x, const float* cos, const float* sin, int64_t D) {
   }
 }
 
-static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& ln1, const at::Tensor& ln2, double eps,
-                               const at::Tensor& wqkv, int64_t kqkv, const at::Tensor& wo, int64_t ko,
-                               const at::Tensor& wgu, int64_t kgu, const at::Tensor& wd, int64_t kd,
-                               const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
-                               const at::Tensor& key_start,
-                               const at::Tensor& cos, const at::Tensor& sin, int64_t H, int64_t Hkv,
-                               int64_t inter, double scale) {
+// ---------------------------------------------------------------------------------------- the step
+
+// What one layer reads: its weights (kernel tensors and kinds) and its KV cache.
+struct Layer {
+  const float *ln1, *ln2;
+  const at::Tensor *w[4];
+  int64_t kind[4];
+  float *kc, *vc;
+};
+
+// The part [t0, t1) of the tiles of a product, for the thread that owns it. x is float32 rows
+// (dense kinds) or the rows already quantized into (q, d, s) (block kinds).
+static void product_part(const at::Tensor& w, int64_t kind, int64_t n, const float* x, const int8_t* q,
+                         const float* d, const int32_t* s, int64_t M, int64_t K, float* y, int tid, int nth,
+                         int level) {
+  const int64_t T = w.size(0), t0 = T * tid / nth, t1 = T * (tid + 1) / nth;
+  if (t0 >= t1) return;
+  if (kind == F32_TILES || kind == BF16_TILES)
+    dgemm_tiles(kind == BF16_TILES, w.data_ptr(), K, t0, t1, n, x, M, y, n, level);
+  else
+    qgemm_tiles(int(kind), w.data_ptr<uint8_t>(), K / 32, t0, t1, n, q, d, s, M, y, n, level);
+}
+
+static bool is_block(int64_t kind) { return kind != F32_TILES && kind != BF16_TILES; }
+
+// Every decoder layer of a step in one call and one OpenMP team: each product's tiles are split
+// over the threads, the small row-wise work runs on one thread between barriers. Which thread
+// computes an output never changes how it is computed, so the result is the same for any thread
+// count, as it is for any batch.
+static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::TensorList ln2, double eps,
+                                at::TensorList wqkv, at::IntArrayRef kqkv, at::TensorList wo, at::IntArrayRef ko,
+                                at::TensorList wgu, at::IntArrayRef kgu, at::TensorList wd, at::IntArrayRef kd,
+                                at::TensorList kc, at::TensorList vc, const at::Tensor& slots,
+                                const at::Tensor& key_start, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
+                                int64_t Hkv, int64_t inter, double scale) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.is_contiguous(),
-              "camelid::decode_layer: x must be contiguous float32 [B, C]");
+              "camelid::decode_layers: x must be contiguous float32 [B * T, C]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.numel() > 0 &&
                   key_start.scalar_type() == at::kLong && key_start.dim() == 1,
-              "camelid::decode_layer: slots [T] and key_start [B] must be int64");
+              "camelid::decode_layers: slots [T] and key_start [B] must be int64");
+  const int64_t L = int64_t(ln1.size());
+  TORCH_CHECK(L > 0 && int64_t(ln2.size()) == L && int64_t(wqkv.size()) == L && int64_t(wo.size()) == L &&
+                  int64_t(wgu.size()) == L && int64_t(wd.size()) == L && int64_t(kc.size()) == L &&
+                  int64_t(vc.size()) == L && int64_t(kqkv.size()) == L && int64_t(ko.size()) == L &&
+                  int64_t(kgu.size()) == L && int64_t(kd.size()) == L,
+              "camelid::decode_layers: every list needs one entry per layer");
   const int64_t B = key_start.numel(), T = slots.numel(), R = x_in.size(0), C = x_in.size(1), D = cos.size(-1),
-                S = kc.size(2);
-  TORCH_CHECK(R == B * T, "camelid::decode_layer: x has ", R, " rows, not batch ", B, " x ", T, " queries");
-  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D % 16 == 0 && D > 0, "camelid::decode_layer: heads ", H, "/",
+                S = kc[0].size(2);
+  TORCH_CHECK(R == B * T, "camelid::decode_layers: x has ", R, " rows, not batch ", B, " x ", T, " queries");
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D % 16 == 0 && D > 0, "camelid::decode_layers: heads ", H, "/",
               Hkv, " and head_dim ", D, " (a multiple of 16) do not fit");
-  for (const at::Tensor* t : {&kc, &vc})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
-                    t->size(1) == Hkv && t->size(3) == D && t->size(2) == S,
-                "camelid::decode_layer: the KV cache must be contiguous float32 [B, Hkv, S, D]");
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(sl[t] >= 0 && sl[t] < S, "camelid::decode_layer: slot ", sl[t], " outside the cache's ", S);
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < S, "camelid::decode_layers: slot ", sl[t], " outside the cache's ", S);
+  const int64_t* ks = key_start.data_ptr<int64_t>();
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.numel() == R * D && sin.numel() == R * D,
-              "camelid::decode_layer: cos/sin must be contiguous float32 [B * T, head_dim]");
-  TORCH_CHECK(ln1.scalar_type() == at::kFloat && ln1.numel() == C && ln2.scalar_type() == at::kFloat &&
-                  ln2.numel() == C, "camelid::decode_layer: the norms' weights must be float32 [C]");
+              "camelid::decode_layers: cos/sin must be contiguous float32 [B * T, head_dim]");
   const int64_t nqkv = (H + 2 * Hkv) * D;
-  check_weight(wqkv, kqkv, nqkv, C, "qkv");
-  check_weight(wo, ko, C, H * D, "o");
-  check_weight(wgu, kgu, 2 * inter, C, "gate_up");
-  check_weight(wd, kd, C, inter, "down");
+  std::vector<Layer> layers(L);
+  for (int64_t l = 0; l < L; ++l) {
+    for (const at::Tensor* t : {&kc[l], &vc[l]})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
+                      t->size(1) == Hkv && t->size(3) == D && t->size(2) == S,
+                  "camelid::decode_layers: layer ", l, "'s KV cache must be contiguous float32 [B, Hkv, S, D]");
+    TORCH_CHECK(ln1[l].scalar_type() == at::kFloat && ln1[l].numel() == C && ln1[l].is_contiguous() &&
+                    ln2[l].scalar_type() == at::kFloat && ln2[l].numel() == C && ln2[l].is_contiguous(),
+                "camelid::decode_layers: layer ", l, "'s norm weights must be float32 [C]");
+    check_weight(wqkv[l], kqkv[l], nqkv, C, "qkv");
+    check_weight(wo[l], ko[l], C, H * D, "o");
+    check_weight(wgu[l], kgu[l], 2 * inter, C, "gate_up");
+    check_weight(wd[l], kd[l], C, inter, "down");
+    layers[l] = Layer{ln1[l].data_ptr<float>(), ln2[l].data_ptr<float>(), {&wqkv[l], &wo[l], &wgu[l], &wd[l]},
+                      {kqkv[l], ko[l], kgu[l], kd[l]}, kc[l].data_ptr<float>(), vc[l].data_ptr<float>()};
+  }
   const int level = isa();
   const float fe = float(eps), fs = float(scale);
-
   at::Tensor out = x_in.clone();
   float* x = out.data_ptr<float>();
-  std::vector<float> h(R * std::max(C, inter)), qkv(R * nqkv), att(R * H * D), o(R * C), gu(R * 2 * inter);
+  const int64_t wide = std::max({C, inter, H * D});
+  std::vector<float> h(R * wide), qkv(R * nqkv), att(R * H * D), o(R * C), gu(R * 2 * inter), qd(R * wide / 32);
+  std::vector<int8_t> q(R * wide);
+  std::vector<int32_t> qs(R * wide / 32);
   int64_t last = 0;
   for (int64_t t = 0; t < T; ++t) last = std::max(last, sl[t]);
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin.data_ptr<float>();
-  const int64_t* ks = key_start.data_ptr<int64_t>();
-  float* kcp = kc.data_ptr<float>();
-  float* vcp = vc.data_ptr<float>();
+  const int64_t G = H / Hkv;
+  const int nth = std::max(1, std::min(at::get_num_threads(), 64));
 
-  for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ln1.data_ptr<float>(), fe, C, h.data() + i * C);
-  linear(wqkv, kqkv, nqkv, h.data(), R, C, qkv.data(), level);
-  for (int64_t i = 0; i < R; ++i) {  // every row's k, v into the cache before any row attends
-    const int64_t b = i / T, slot = sl[i % T];
-    float* r = qkv.data() + i * nqkv;
-    for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + i * D, sn + i * D, D);  // q heads, then k heads
-    for (int64_t j = 0; j < Hkv; ++j) {
-      std::copy_n(r + (H + j) * D, D, kcp + ((b * Hkv + j) * S + slot) * D);
-      std::copy_n(r + (H + Hkv + j) * D, D, vcp + ((b * Hkv + j) * S + slot) * D);
+  // on one thread: the rows' input to a product, quantized when its weights are blocks
+  auto prep = [&](const float* src, int64_t K, int64_t kind) {
+    if (is_block(kind)) quantize_rows(src, R, K, q.data(), qd.data(), qs.data(), level);
+  };
+#pragma omp parallel num_threads(nth)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    std::vector<float> sc(last + 1);
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& ly = layers[l];
+#pragma omp single
+      {
+        for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ly.ln1, fe, C, h.data() + i * C);
+        prep(h.data(), C, ly.kind[0]);
+      }
+      product_part(*ly.w[0], ly.kind[0], nqkv, h.data(), q.data(), qd.data(), qs.data(), R, C, qkv.data(), tid,
+                   team, level);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t i = 0; i < R; ++i) {  // every row's k, v into the cache before any row attends
+        const int64_t b = i / T, slot = sl[i % T];
+        float* r = qkv.data() + i * nqkv;
+        for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + i * D, sn + i * D, D);  // q heads, then k
+        for (int64_t j = 0; j < Hkv; ++j) {
+          std::copy_n(r + (H + j) * D, D, ly.kc + ((b * Hkv + j) * S + slot) * D);
+          std::copy_n(r + (H + Hkv + j) * D, D, ly.vc + ((b * Hkv + j) * S + slot) * D);
+        }
+      }
+      for (int64_t ih = R * H * tid / team; ih < R * H * (tid + 1) / team; ++ih) {
+        // query row i = (b, t) sees keys [key_start[b], slot[t]]
+        const int64_t i = ih / H, hd = ih % H, b = i / T, slot = sl[i % T], kv = hd / G, k0 = ks[b];
+        float* y = att.data() + (i * H + hd) * D;
+        if (k0 > slot) {  // a row with no keys (padding only): its output is never read
+          std::fill_n(y, D, 0.f);
+          continue;
+        }
+        attend_head(qkv.data() + i * nqkv + hd * D, ly.kc + (b * Hkv + kv) * S * D, ly.vc + (b * Hkv + kv) * S * D,
+                    k0, slot, D, fs, sc.data(), y);
+      }
+#pragma omp barrier
+#pragma omp single
+      prep(att.data(), H * D, ly.kind[1]);
+      product_part(*ly.w[1], ly.kind[1], C, att.data(), q.data(), qd.data(), qs.data(), R, H * D, o.data(), tid,
+                   team, level);
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
+        for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ly.ln2, fe, C, h.data() + i * C);
+        prep(h.data(), C, ly.kind[2]);
+      }
+      product_part(*ly.w[2], ly.kind[2], 2 * inter, h.data(), q.data(), qd.data(), qs.data(), R, C, gu.data(), tid,
+                   team, level);
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t i = 0; i < R; ++i)
+          silu_mul(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, h.data() + i * inter);
+        prep(h.data(), inter, ly.kind[3]);
+      }
+      product_part(*ly.w[3], ly.kind[3], C, h.data(), q.data(), qd.data(), qs.data(), R, inter, o.data(), tid,
+                   team, level);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
     }
   }
-  const int64_t G = H / Hkv;
-  at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(last + 1);
-    for (int64_t ih = begin; ih < end; ++ih) {  // query row i = (b, t) sees keys [key_start[b], slot[t]]
-      const int64_t i = ih / H, hd = ih % H, b = i / T, slot = sl[i % T], kv = hd / G, k0 = ks[b];
-      float* y = att.data() + (i * H + hd) * D;
-      if (k0 > slot) {  // a row with no keys (padding only): its output is never read
-        std::fill_n(y, D, 0.f);
-        continue;
-      }
-      attend_head(qkv.data() + i * nqkv + hd * D, kcp + (b * Hkv + kv) * S * D, vcp + (b * Hkv + kv) * S * D, k0,
-                  slot, D, fs, sc.data(), y);
-    }
-  });
-  linear(wo, ko, C, att.data(), R, H * D, o.data(), level);
-  for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
-  for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ln2.data_ptr<float>(), fe, C, h.data() + i * C);
-  linear(wgu, kgu, 2 * inter, h.data(), R, C, gu.data(), level);
-  for (int64_t i = 0; i < R; ++i)
-    silu_mul(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, h.data() + i * inter);
-  linear(wd, kd, C, h.data(), R, inter, o.data(), level);
-  for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
   return out;
 }
 
 }  // namespace camelid
 
 TORCH_LIBRARY_FRAGMENT(camelid, m) {
-  m.def("decode_layer(Tensor x, Tensor ln1, Tensor ln2, float eps, Tensor wqkv, int kqkv, Tensor wo, int ko, "
-        "Tensor wgu, int kgu, Tensor wd, int kd, Tensor(a!) kc, Tensor(b!) vc, Tensor slots, Tensor key_start, "
-        "Tensor cos, Tensor sin, int heads, int kv_heads, int inter, float scale) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, float eps, Tensor[] wqkv, int[] kqkv, Tensor[] wo, "
+        "int[] ko, Tensor[] wgu, int[] kgu, Tensor[] wd, int[] kd, Tensor(a!)[] kc, Tensor(b!)[] vc, Tensor slots, "
+        "Tensor key_start, Tensor cos, Tensor sin, int heads, int kv_heads, int inter, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(camelid, CPU, m) { m.impl("decode_layer", &camelid::decode_layer); }
+TORCH_LIBRARY_IMPL(camelid, CPU, m) { m.impl("decode_layers", &camelid::decode_layers); }
