@@ -303,6 +303,21 @@ def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path):
     assert (a - b).abs().max() <= 1e-3 * b.abs().max()
 
 
+def test_the_fused_decode_step_gives_the_same_bits_on_every_isa_path(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.core.cache import KVCache
+
+    model = LlamaForCausalLM.from_pretrained(tiny_gguf(tmp_path / "m.gguf", {"blk.1.ffn_down.weight": Q.Q4_0}))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6] * 5])  # 40 keys: the exp runs 16 at a time and then the tail
+    outs = {}
+    for isa in isas():
+        with K.forced_isa(isa), torch.inference_mode():
+            cache = KVCache(model.config, 1, 64)
+            model(ids, cache=cache, cache_position=torch.arange(40))
+            outs[isa] = model(torch.tensor([[7, 8, 9]]), cache=cache, cache_position=torch.arange(40, 43)).logits
+    assert all(torch.equal(o, outs["scalar"]) for o in outs.values())
+
+
 @pytest.mark.slow
 def test_default_model_batch_of_16_is_bit_identical_to_each_prompt_alone(smollm2_gguf, smollm2_tokenizer):
     from camelid import LlamaForCausalLM

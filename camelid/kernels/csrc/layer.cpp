@@ -17,6 +17,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -73,7 +74,7 @@ CLONES static void silu_mul(const float* g, const float* u, int64_t n, float* ou
 }
 
 // One query head over keys [k0, k1]: softmax(q k^T * scale) v, into y [D]. sc: k1 + 1 floats.
-CLONES static void attend_head(const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1, int64_t D,
+CLONES static void attend_head_portable(const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1, int64_t D,
                                float scale, float* sc, float* y) {
   float mx = -INFINITY;
   for (int64_t s = k0; s <= k1; ++s) {
@@ -96,6 +97,68 @@ CLONES static void attend_head(const float* q, const float* kb, const float* vb,
   }
   const float inv = 1.f / sum;
   for (int64_t i = 0; i < D; ++i) y[i] = y[i] * inv;
+}
+
+// The same operations as attend_head_portable, 16 lanes at a time (same lane sums, same tree,
+// mul then add, the same exp), so the bits agree with it.
+#define AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx2,fma")))
+
+AVX512_TARGET static inline __m512 fexp16(__m512 x) {
+  x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ), x, _mm512_set1_ps(-87.0f));
+  x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(88.0f), _CMP_GT_OQ), x, _mm512_set1_ps(88.0f));
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), magic);
+  const __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000)), _mm512_set1_epi32(127)),
+      23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+AVX512_TARGET static void attend_head_avx512(const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1,
+                                             int64_t D, float scale, float* sc, float* y) {
+  float mx = -INFINITY;
+  for (int64_t s = k0; s <= k1; ++s) {
+    const float* k = kb + s * D;
+    __m512 p = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i)));
+    __m256 p8 = _mm256_add_ps(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1));  // lanes l + (l + 8)
+    __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
+    __m128 p2 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
+    __m128 p1 = _mm_add_ss(p2, _mm_shuffle_ps(p2, p2, 1));
+    sc[s] = _mm_cvtss_f32(p1) * scale;
+    mx = sc[s] > mx ? sc[s] : mx;
+  }
+  int64_t s = k0;
+  for (; s + 16 <= k1 + 1; s += 16)
+    _mm512_storeu_ps(sc + s, fexp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(mx))));
+  for (; s <= k1; ++s) sc[s] = fexp(sc[s] - mx);
+  float sum = 0.f;
+  for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + i, _mm512_setzero_ps());
+  for (int64_t t = k0; t <= k1; ++t) {
+    sum = sum + sc[t];
+    const __m512 w = _mm512_set1_ps(sc[t]);
+    const float* v = vb + t * D;
+    for (int64_t i = 0; i < D; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_mul_ps(w, _mm512_loadu_ps(v + i))));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / sum);
+  for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), inv));
+}
+
+static void attend_head(int level, const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1, int64_t D,
+                        float scale, float* sc, float* y) {
+  if (level >= ISA_AVX512) return attend_head_avx512(q, kb, vb, k0, k1, D, scale, sc, y);
+  attend_head_portable(q, kb, vb, k0, k1, D, scale, sc, y);
 }
 
 CLONES static void rmsnorm(const float* x, const float* w, float eps, int64_t C, float* out) {
@@ -146,7 +209,8 @@ static void product_part(const at::Tensor& w, int64_t kind, int64_t n, const flo
 static bool is_block(int64_t kind) { return kind != F32_TILES && kind != BF16_TILES; }
 
 // Every decoder layer of a step in one call and one OpenMP team: each product's tiles are split
-// over the threads, the small row-wise work runs on one thread between barriers. Which thread
+// over the threads, and so are the rows of the row-wise work and the (row, head) pairs of the
+// attention, with a barrier between stages. Which thread
 // computes an output never changes how it is computed, so the result is the same for any thread
 // count, as it is for any batch.
 static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::TensorList ln2, double eps,
@@ -210,26 +274,26 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   const int64_t G = H / Hkv;
   const int nth = std::max(1, std::min(at::get_num_threads(), 64));
 
-  // on one thread: the rows' input to a product, quantized when its weights are blocks
-  auto prep = [&](const float* src, int64_t K, int64_t kind) {
-    if (is_block(kind)) quantize_rows(src, R, K, q.data(), qd.data(), qs.data(), level);
+  // rows [i0, i1) of a product's input, quantized when its weights are blocks
+  auto prep = [&](const float* src, int64_t K, int64_t kind, int64_t i0, int64_t i1) {
+    if (is_block(kind) && i1 > i0)
+      quantize_rows(src + i0 * K, i1 - i0, K, q.data() + i0 * K, qd.data() + i0 * (K / 32), qs.data() + i0 * (K / 32),
+                    level);
   };
 #pragma omp parallel num_threads(nth)
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
     std::vector<float> sc(last + 1);
+    const int64_t r0 = R * tid / team, r1 = R * (tid + 1) / team;  // this thread's rows for row-wise work
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
-#pragma omp single
-      {
-        for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ly.ln1, fe, C, h.data() + i * C);
-        prep(h.data(), C, ly.kind[0]);
-      }
+      for (int64_t i = r0; i < r1; ++i) rmsnorm(x + i * C, ly.ln1, fe, C, h.data() + i * C);
+      prep(h.data(), C, ly.kind[0], r0, r1);
+#pragma omp barrier
       product_part(*ly.w[0], ly.kind[0], nqkv, h.data(), q.data(), qd.data(), qs.data(), R, C, qkv.data(), tid,
                    team, level);
 #pragma omp barrier
-#pragma omp single
-      for (int64_t i = 0; i < R; ++i) {  // every row's k, v into the cache before any row attends
+      for (int64_t i = r0; i < r1; ++i) {  // every row's k, v into the cache before any row attends
         const int64_t b = i / T, slot = sl[i % T];
         float* r = qkv.data() + i * nqkv;
         for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + i * D, sn + i * D, D);  // q heads, then k
@@ -238,6 +302,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
           std::copy_n(r + (H + Hkv + j) * D, D, ly.vc + ((b * Hkv + j) * S + slot) * D);
         }
       }
+#pragma omp barrier
       for (int64_t ih = R * H * tid / team; ih < R * H * (tid + 1) / team; ++ih) {
         // query row i = (b, t) sees keys [key_start[b], slot[t]]
         const int64_t i = ih / H, hd = ih % H, b = i / T, slot = sl[i % T], kv = hd / G, k0 = ks[b];
@@ -246,35 +311,34 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
           std::fill_n(y, D, 0.f);
           continue;
         }
-        attend_head(qkv.data() + i * nqkv + hd * D, ly.kc + (b * Hkv + kv) * S * D, ly.vc + (b * Hkv + kv) * S * D,
+        attend_head(level, qkv.data() + i * nqkv + hd * D, ly.kc + (b * Hkv + kv) * S * D, ly.vc + (b * Hkv + kv) * S * D,
                     k0, slot, D, fs, sc.data(), y);
       }
 #pragma omp barrier
-#pragma omp single
-      prep(att.data(), H * D, ly.kind[1]);
+      prep(att.data(), H * D, ly.kind[1], r0, r1);
+#pragma omp barrier
       product_part(*ly.w[1], ly.kind[1], C, att.data(), q.data(), qd.data(), qs.data(), R, H * D, o.data(), tid,
                    team, level);
 #pragma omp barrier
-#pragma omp single
-      {
-        for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
-        for (int64_t i = 0; i < R; ++i) rmsnorm(x + i * C, ly.ln2, fe, C, h.data() + i * C);
-        prep(h.data(), C, ly.kind[2]);
+      for (int64_t i = r0; i < r1; ++i) {
+        for (int64_t c = 0; c < C; ++c) x[i * C + c] = x[i * C + c] + o[i * C + c];
+        rmsnorm(x + i * C, ly.ln2, fe, C, h.data() + i * C);
       }
+      prep(h.data(), C, ly.kind[2], r0, r1);
+#pragma omp barrier
       product_part(*ly.w[2], ly.kind[2], 2 * inter, h.data(), q.data(), qd.data(), qs.data(), R, C, gu.data(), tid,
                    team, level);
 #pragma omp barrier
-#pragma omp single
-      {
-        for (int64_t i = 0; i < R; ++i)
-          silu_mul(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, h.data() + i * inter);
-        prep(h.data(), inter, ly.kind[3]);
-      }
+      for (int64_t i = r0; i < r1; ++i)
+        silu_mul(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, h.data() + i * inter);
+      prep(h.data(), inter, ly.kind[3], r0, r1);
+#pragma omp barrier
       product_part(*ly.w[3], ly.kind[3], C, h.data(), q.data(), qd.data(), qs.data(), R, inter, o.data(), tid,
                    team, level);
 #pragma omp barrier
-#pragma omp single
-      for (int64_t i = 0; i < R * C; ++i) x[i] = x[i] + o[i];
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t c = 0; c < C; ++c) x[i * C + c] = x[i * C + c] + o[i * C + c];
+#pragma omp barrier
     }
   }
   return out;
