@@ -43,8 +43,8 @@ from camelid.transforms.tp import TPError, check_plan, tensor_parallel
 
 def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_implementation: str = "sdpa",
          pack: bool | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
-         bnb_4bit_quant_type: str = "int4", group_size: int | None = None, device_map=None, max_memory=None,
-         adapter=None, model_cls=None):
+         bnb_4bit_quant_type: str | None = None, group_size: int | None = None, device_map=None, max_memory=None,
+         adapter=None, model_cls=None, bnb_8bit_quant_type: str | None = None):
     """Load a model, choosing the format from what is there.
 
     name_or_path: a HF folder, a .gguf file (or a folder holding one), a packaged model name
@@ -55,9 +55,11 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
     packed.py: faster and batch-invariant, but frozen). None (the default) packs on CPU; pass
     False to train or export.
     load_in_8bit / load_in_4bit (transformers' names): weight-only quantization (camelid/transforms/
-    quantize.py): int8 per output channel, or int4 in groups of `group_size` (default 32; "nf4" as
-    bnb_4bit_quant_type gives NormalFloat4). A GGUF with Q4_0/Q4_1/Q8_0 tensors loads straight into
-    int4/int8 with load_in_4bit (no float copy). A checkpoint saved quantized (`save` of a
+    quantize.py). On CPU with camelid's kernels the defaults are GGUF's own blocks: Q4_1 (4-bit) and
+    Q8_0 (8-bit), run by camelid's kernels and written by save_gguf(dtype="auto"); elsewhere int4 in
+    groups of `group_size` (default 32) and int8 per output channel. bnb_4bit_quant_type: "q4_1",
+    "q4_0", "int4" or "nf4" (NormalFloat4); bnb_8bit_quant_type: "q8_0" or "int8". A GGUF's own
+    Q4/Q8 blocks load as they are (no float copy). A checkpoint saved quantized (`save` of a
     quantized model) loads quantized, without these flags.
     device_map / max_memory (transformers' names): place the model over several devices, whole
     layers each: "auto" (spread over the GPUs, then the CPU), "sequential", a device, or a dict
@@ -74,8 +76,17 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
     path = resolve(DEFAULT_MODEL if name_or_path is None else name_or_path)
     if load_in_8bit and load_in_4bit:
         raise ValueError("pass load_in_8bit or load_in_4bit, not both")
-    if bnb_4bit_quant_type not in ("int4", "nf4"):
-        raise ValueError(f"bnb_4bit_quant_type must be 'int4' or 'nf4', got {bnb_4bit_quant_type!r}")
+    blocks = kernels.available() and torch.device(device or "cpu").type == "cpu" and device_map is None
+    if bnb_4bit_quant_type is None:
+        bnb_4bit_quant_type = "q4_1" if blocks and group_size in (None, 32) else "int4"
+    if bnb_4bit_quant_type not in ("int4", "nf4", "q4_0", "q4_1"):
+        raise ValueError(f"bnb_4bit_quant_type must be 'q4_1', 'q4_0', 'int4' or 'nf4', got {bnb_4bit_quant_type!r}")
+    if bnb_4bit_quant_type in ("q4_0", "q4_1") and group_size not in (None, 32):
+        raise ValueError(f"{bnb_4bit_quant_type} blocks hold 32 weights: group_size {group_size!r} does not apply "
+                         f"(use bnb_4bit_quant_type='int4')")
+    bnb_8bit_quant_type = bnb_8bit_quant_type or ("q8_0" if blocks else "int8")
+    if bnb_8bit_quant_type not in ("int8", "q8_0"):
+        raise ValueError(f"bnb_8bit_quant_type must be 'q8_0' or 'int8', got {bnb_8bit_quant_type!r}")
     if group_size is not None and not load_in_4bit:
         raise ValueError("group_size applies to load_in_4bit")
     if adapter is not None:
@@ -93,9 +104,15 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
     elif max_memory is not None:
         raise ValueError("max_memory applies with device_map ('auto', 'balanced' or 'sequential')")
     gguf = gguf_path(path)
-    if (gguf is not None and plan is None and not (load_in_8bit or load_in_4bit) and is_gguf(gguf)
-            and pack is not False and native_gguf(gguf, dtype, device)):
-        return _finish(load_gguf_quantized(gguf, **kwargs, native=True), adapter, pack)  # the file's blocks, kept
+    wants = (bnb_4bit_quant_type if load_in_4bit else bnb_8bit_quant_type if load_in_8bit else None)
+    if (gguf is not None and plan is None and wants in (None, "q4_0", "q4_1", "q8_0") and is_gguf(gguf)
+            and (pack is not False or wants) and native_gguf(gguf, dtype, device)):
+        model = load_gguf_quantized(gguf, **kwargs, native=True)  # the file's blocks, kept
+        kinds = {m.format for m in model.modules() if isinstance(m, BlockLinear)}
+        if wants is None or kinds == {wants} or (load_in_4bit and kinds & {"q4_0", "q4_1"}
+                                                 and kinds <= {"q4_0", "q4_1", "q8_0"}):  # Q8_0: the lm_head
+            return _finish(model, adapter, pack)
+        # the file holds other blocks than asked for: quantize from its floats below
     gguf = gguf if load_in_4bit and bnb_4bit_quant_type == "int4" and group_size in (None, 32) else None
     if gguf is not None and is_gguf(gguf):
         model = load_gguf_quantized(gguf, **kwargs)  # Q4/Q8 blocks map to int4 g32 / int8 as they are
@@ -108,7 +125,7 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
         if len(set(plan.values())) > 1 or next(iter(plan.values())).type != "cpu":
             pack = False  # packing is for a model wholly on the CPU
     if load_in_8bit or load_in_4bit:
-        fmt = "int8" if load_in_8bit else bnb_4bit_quant_type
+        fmt = bnb_8bit_quant_type if load_in_8bit else bnb_4bit_quant_type
         model = quantize(model, bits=8 if load_in_8bit else 4, group_size=group_size, format=fmt)
     return _finish(model, adapter, pack)
 

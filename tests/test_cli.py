@@ -140,7 +140,11 @@ def _tiny_checkpoint(path):
     return str(path)
 
 
-@pytest.mark.parametrize("flags, kind", [([], "packed"), (["--load-in-8bit"], "int8"), (["--no-pack"], "unpacked")])
+EIGHT = "q8_0" if __import__("camelid.kernels", fromlist=["available"]).available() else "int8"  # load_in_8bit's default
+
+
+@pytest.mark.parametrize("flags, kind", [([], "packed"), (["--load-in-8bit"], EIGHT.replace("q8_0", "q8_0 g32")),
+                                          (["--no-pack"], "unpacked")])
 def test_bench_prints_every_figure(tmp_path, capsys, flags, kind):
     model = _tiny_checkpoint(tmp_path / "tiny")
     assert main(["bench", "--model", model, "--new", "3", "--prompt-len", "16", "--threads", "1", *flags]) == 0
@@ -181,11 +185,14 @@ def test_quantize_writes_a_checkpoint_that_reloads_quantized(tmp_path, capsys):
     model = LlamaForCausalLM.from_pretrained(tmp_path / "q4")
     assert model.quantization_config["format"] == "int4"
     assert main(["quantize", src, str(tmp_path / "q8"), "--bits", "8"]) == 0
-    assert LlamaForCausalLM.from_pretrained(tmp_path / "q8").quantization_config["format"] == "int8"
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "q8").quantization_config["format"] == EIGHT
+    assert main(["quantize", src, str(tmp_path / "q8i"), "--bits", "8", "--format", "int8"]) == 0
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "q8i").quantization_config["format"] == "int8"
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--bits", "8", "--group-size", "32"], "apply to --bits 4"),
+    (["--bits", "8", "--group-size", "32"], "no --group-size"),
+    (["--bits", "4", "--format", "q8_0"], "is 8-bit"),
     (["--bits", "4", "--group-size", "48"], "unsupported group_size 48"),
     (["--bits", "4", "--dst-exists"], "not an empty folder"),
 ])

@@ -169,7 +169,8 @@ def test_camelid_against_transformers_same_weights(tmp_path, padded):
 @pytest.fixture(scope="module")
 def default_pair(smollm2_gguf):
     return LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype="float32"), LlamaForCausalLM.from_pretrained(smollm2_gguf,
-                                                                                            load_in_8bit=True)
+                                                                                            load_in_8bit=True,
+                                                                                            bnb_8bit_quant_type="int8")
 
 
 @pytest.mark.slow

@@ -16,13 +16,16 @@ import camelid.transforms.quantize as Q
 from camelid import CheckpointError, LlamaConfig, LlamaForCausalLM
 from camelid.formats.gguf_blocks import int4_from_q4_0, int4_from_q4_1
 from camelid.load import int8_from_q8_0, load_gguf_quantized, load_quantized, save_quantized
-from camelid.transforms.quantize import (NF4_CODES, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding, quantize,
+from camelid.transforms.quantize import (BlockLinear, NF4_CODES, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding, quantize,
                                          quantize_int4, quantize_int8, quantize_nf4, weight_bytes)
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
 SETTINGS = [dict(bits=8), dict(bits=4), dict(bits=4, group_size=64, lm_head_bits=4),
             dict(bits=4, format="nf4"), dict(bits=4, format="nf4", lm_head_bits=4)]
 
+
+BLOCKS = __import__("camelid.kernels", fromlist=["available"]).available()  # camelid's CPU kernels built here
+FOUR = "q4_1" if BLOCKS else "int4"  # load_in_4bit's default format on this machine
 
 def weights(N, K, seed=0):
     """Gaussian weights with a few large outliers, a constant row and an all-zero row."""
@@ -214,11 +217,11 @@ def test_packed_linears_are_quantized_like_plain_ones():
     if not packed.available():
         pytest.skip("oneDNN packing unavailable")
     plain, x = tiny(), ids()
-    other = packed.pack(tiny())
-    assert any(type(m).__name__ == "PackedLinear" for m in other.modules())
+    other = packed.pack(tiny())  # camelid's tiles where its kernels are built, else oneDNN's layout
+    assert any(isinstance(m, packed.PackedLinear) for m in other.modules())
     quantize(plain, bits=4)
     quantize(other, bits=4)
-    assert not any(type(m).__name__ == "PackedLinear" for m in other.modules())
+    assert not any(isinstance(m, packed.PackedLinear) for m in other.modules())
     assert torch.equal(plain(x).logits, other(x).logits)
 
 
@@ -374,8 +377,11 @@ def test_quality_and_memory_on_the_default_model(smollm2_gguf, smollm2_tokenizer
 
 def test_from_pretrained_load_in_8bit_and_4bit(tmp_path):
     tiny(tie=False).save_pretrained(tmp_path / "hf")
-    m8 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_8bit=True)
-    assert isinstance(m8.model.layers[0].self_attn.qkv_proj.inner, Int8Linear) and m8.dtype == torch.float32
+    m8 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_8bit=True)  # Q8_0 blocks where camelid's
+    eight = BlockLinear if BLOCKS else Int8Linear                              # kernels are built, else int8
+    assert isinstance(m8.model.layers[0].self_attn.qkv_proj.inner, eight) and m8.dtype == torch.float32
+    assert isinstance(LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_8bit=True, bnb_8bit_quant_type="int8")
+                      .model.layers[0].self_attn.qkv_proj.inner, Int8Linear)
     m4 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_4bit=True, group_size=64)
     assert m4.quantization_config["format"] == "int4" and m4.quantization_config["group_size"] == 64
     nf4 = LlamaForCausalLM.from_pretrained(tmp_path / "hf", load_in_4bit=True, bnb_4bit_quant_type="nf4")
@@ -399,8 +405,13 @@ def test_save_pretrained_of_a_quantized_model_reloads_quantized(tmp_path):
 
 def test_load_in_4bit_reads_gguf_blocks(smollm2_gguf, monkeypatch):
     monkeypatch.setattr(Q, "quantize_int4", lambda *a, **k: pytest.fail("the Q4_1 blocks were re-quantized"))
+    monkeypatch.setattr(BlockLinear, "from_float", lambda *a, **k: pytest.fail("the Q4_1 blocks were re-quantized"))
     model = LlamaForCausalLM.from_pretrained(smollm2_gguf, load_in_4bit=True)
-    assert model.quantization_config == {"format": "int4", "bits": 4, "group_size": 32, "lm_head": "int8"}
+    want = ({"format": "q4_1", "bits": 4, "group_size": 32, "lm_head": "q8_0_g32"} if BLOCKS else
+            {"format": "int4", "bits": 4, "group_size": 32, "lm_head": "int8"})
+    assert model.quantization_config == want
+    int4 = LlamaForCausalLM.from_pretrained(smollm2_gguf, load_in_4bit=True, bnb_4bit_quant_type="int4")
+    assert int4.quantization_config == {"format": "int4", "bits": 4, "group_size": 32, "lm_head": "int8"}
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -426,4 +437,4 @@ def test_load_in_4bit_of_a_gguf_without_q4_blocks_quantizes_it(tmp_path):
 
     save_gguf(tiny(hidden=64), tmp_path / "m.gguf", dtype="q8_0")  # Q8_0 blocks: int8 if kept as they are
     model = LlamaForCausalLM.from_pretrained(tmp_path / "m.gguf", load_in_4bit=True)
-    assert model.quantization_config["format"] == "int4" and model.quantization_config["group_size"] == 32
+    assert model.quantization_config["format"] == FOUR and model.quantization_config["group_size"] == 32

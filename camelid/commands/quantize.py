@@ -1,4 +1,6 @@
-"""camelid quantize SRC DST --bits 4|8: a weight-only int8 / int4 / nf4 checkpoint that reloads quantized."""
+"""camelid quantize SRC DST --bits 4|8: a weight-only quantized checkpoint that reloads quantized:
+GGUF blocks (q4_1 / q4_0 / q8_0, camelid's CPU kernels; the default where they are built), or
+int4 / int8 / nf4 (torch's kernels)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ def add_arguments(p) -> None:
     p.add_argument("dst", help="output folder (new or empty)")
     p.add_argument("--bits", type=int, choices=[4, 8], required=True)
     p.add_argument("--group-size", type=int, default=None, help="int4: 32 (default) | 64 | 128 | 256")
-    p.add_argument("--format", choices=["int4", "nf4"], default="int4", help="4-bit codes (default int4)")
+    p.add_argument("--format", choices=["q4_1", "q4_0", "int4", "nf4", "q8_0", "int8"], default=None,
+                   help="codes: 4-bit q4_1 | q4_0 | int4 | nf4, 8-bit q8_0 | int8 (default: q4_1 / q8_0 on "
+                        "CPU with camelid's kernels, else int4 / int8)")
 
 
 def main(args) -> int:
@@ -22,9 +26,12 @@ def main(args) -> int:
     dst = Path(args.dst)
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise ValueError(f"{dst} exists and is not an empty folder: choose a new destination")
-    if args.bits == 8 and (args.group_size is not None or args.format != "int4"):
-        raise ValueError("--group-size and --format apply to --bits 4")
-    flags = dict(load_in_8bit=True) if args.bits == 8 else dict(
+    eight = ("q8_0", "int8")
+    if args.bits == 8 and (args.group_size is not None or args.format not in (None, *eight)):
+        raise ValueError("--bits 8 takes --format q8_0 or int8, and no --group-size")
+    if args.bits == 4 and args.format in eight:
+        raise ValueError(f"--format {args.format} is 8-bit: use --bits 8")
+    flags = dict(load_in_8bit=True, bnb_8bit_quant_type=args.format) if args.bits == 8 else dict(
         load_in_4bit=True, bnb_4bit_quant_type=args.format, group_size=args.group_size)
     model = load(args.src, **flags)
     save(model, dst)

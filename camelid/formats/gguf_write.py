@@ -25,7 +25,9 @@ from camelid.formats.gguf import gguf_name, permute_for_gguf
 
 # dtype -> (general.file_type as llama.cpp numbers it, ggml type of the 2-D weights)
 FILE_TYPES = {"f32": (0, GGMLQuantizationType.F32), "f16": (1, GGMLQuantizationType.F16),
-              "q8_0": (7, GGMLQuantizationType.Q8_0)}
+              "q8_0": (7, GGMLQuantizationType.Q8_0), "q4_0": (2, GGMLQuantizationType.Q4_0),
+              "q4_1": (3, GGMLQuantizationType.Q4_1)}
+# dtype="auto": what a model's own blocks (camelid.transforms.quantize.BlockLinear) are, kept as they are
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the block layout of the quantized types
 UNUSED = 5  # llama.cpp token type of the "[PAD{i}]" filler tokens
 
@@ -34,8 +36,12 @@ def save_gguf(model: LlamaForCausalLM, path, dtype: str = "f16", vocab: dict | N
     """Write `model` as a llama.cpp GGUF file (architecture "llama") that load_gguf, llama.cpp and
     transformers read back.
 
-    dtype: "f16" (2-D weights float16), "q8_0" (2-D weights whose rows are a multiple of 32 long
-    quantized to Q8_0, the rest float16) or "f32". Norms and every 1-D tensor stay float32.
+    dtype: "f16" (2-D weights float16), "q8_0" / "q4_0" / "q4_1" (2-D weights whose rows are a
+    multiple of 32 long quantized by the gguf package's quantizer, the rest float16; with the 4-bit
+    types the embedding and output tables are Q8_0, as llama.cpp does where K-quants do not fit),
+    "f32", or "auto": a model holding GGUF blocks (a GGUF loaded as it is, or quantized to q4_0 /
+    q4_1 / q8_0) writes its blocks byte for byte and its float tensors as f16. Norms and every 1-D
+    tensor stay float32.
     vocab: None (only the config's bos/eos/pad ids are written) or a dict of tokenizer.* fields,
     written as they are once checked against the model (camelid.text.gguf_vocab.tokenizer_gguf_fields
     makes them from a Tokenizer or a GGUF file); the token list is padded to vocab_size.
@@ -45,8 +51,13 @@ def save_gguf(model: LlamaForCausalLM, path, dtype: str = "f16", vocab: dict | N
     """
     from gguf import GGUFWriter
 
-    if dtype not in FILE_TYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(FILE_TYPES)}")
+    if dtype == "auto":
+        dtype = _blocks_file_type(model)
+    elif dtype not in FILE_TYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(FILE_TYPES) + ['auto']}")
+    elif dtype != "auto" and any(k.endswith(".ggml_type") for k in model.state_dict()):
+        raise ValueError(f"the model holds GGUF blocks: save it with dtype='auto' (its blocks as they are), "
+                         f"not {dtype!r}")
     path = Path(path)
     config = model.config
     writer = GGUFWriter(None, "llama")  # opens no file until write_header_to_file
@@ -176,10 +187,35 @@ def _write_rope_scaling(w, config: LlamaConfig) -> torch.Tensor | None:
                      f"length, and llama.cpp's llama architecture has no such scaling")
 
 
+def _blocks_file_type(model) -> str:
+    """The file type of a model's GGUF blocks: the most common block type of its layers."""
+    state = model.state_dict()
+    kinds = [int(v.reshape(-1)[0]) for k, v in state.items() if k.endswith(".ggml_type") and "lm_head" not in k]
+    names = {t[1].value: name for name, t in FILE_TYPES.items()}
+    if not kinds:
+        raise ValueError("dtype='auto' writes a model's GGUF blocks; this model has none (use f16, q8_0, q4_0 ...)")
+    return names[max(set(kinds), key=kinds.count)]
+
+
+def _raw_blocks(state: dict) -> dict:
+    """{HF weight name: (ggml type, uint8 rows)} for the layers that hold GGUF blocks; their
+    entries leave `state` (an embedding served from a tied lm_head is written as token_embd)."""
+    out = {}
+    for key in [k for k in state if k.endswith(".ggml_type")]:
+        prefix = key.removesuffix(".ggml_type")
+        qtype = GGMLQuantizationType(int(state.pop(key).reshape(-1)[0]))
+        out[prefix + ".weight"] = (qtype, state.pop(prefix + ".qweight"))
+    return out
+
+
 def _tensor_plan(model: LlamaForCausalLM, dtype: str, rope_freqs) -> list:
-    """(GGUF name, PyTorch shape, ggml type, () -> float tensor) for every tensor, in llama.cpp order."""
+    """(GGUF name, PyTorch shape, ggml type, () -> float tensor or raw block rows) for every
+    tensor, in llama.cpp order."""
     config = model.config
     state = model.state_dict()
+    raw = _raw_blocks(state)
+    if "lm_head.weight" in raw and "model.embed_tokens.weight" not in state and "model.embed_tokens.weight" not in raw:
+        raw["model.embed_tokens.weight"] = raw.pop("lm_head.weight")  # the tied table lives in the lm_head
     tied = config.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight
     if tied:
         state.pop("lm_head.weight", None)
@@ -194,6 +230,13 @@ def _tensor_plan(model: LlamaForCausalLM, dtype: str, rope_freqs) -> list:
         return lambda: t.detach().float()
 
     plan = []
+    for hf, (qtype, rows) in raw.items():
+        block, size = GGML_QUANT_SIZES[qtype]
+        shape = (rows.shape[0], rows.shape[1] // size * block)
+        heads = H if ".q_proj." in hf else Hkv if ".k_proj." in hf else None
+        get = (lambda r=rows, n=heads: permute_for_gguf(r, n)) if heads else (lambda r=rows: r)
+        plan.append((gguf_name(hf), shape, qtype, get))
+    small = wanted in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
     for hf, t in state.items():
         try:
             name = gguf_name(hf)
@@ -201,8 +244,8 @@ def _tensor_plan(model: LlamaForCausalLM, dtype: str, rope_freqs) -> list:
             raise ValueError(f"tensor {hf!r} has no llama.cpp name; it cannot be written as GGUF") from None
         if t.ndim == 1 or wanted == GGMLQuantizationType.F32:
             qtype = GGMLQuantizationType.F32
-        elif wanted == GGMLQuantizationType.Q8_0 and t.shape[-1] % GGML_QUANT_SIZES[wanted][0] == 0:
-            qtype = wanted
+        elif wanted != GGMLQuantizationType.F16 and t.shape[-1] % GGML_QUANT_SIZES[wanted][0] == 0:
+            qtype = GGMLQuantizationType.Q8_0 if small and name in ("token_embd.weight", "output.weight") else wanted
         else:
             qtype = GGMLQuantizationType.F16
         plan.append((name, tuple(t.shape), qtype, getter(hf, t)))
@@ -216,11 +259,15 @@ def _tensor_plan(model: LlamaForCausalLM, dtype: str, rope_freqs) -> list:
 def _encode(name: str, t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     from gguf.quants import quantize
 
+    if t.dtype == torch.uint8:  # GGUF blocks, as the model holds them
+        return np.ascontiguousarray(t.detach().cpu().numpy())
     a = np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float32).numpy())
     if qtype == GGMLQuantizationType.F32:
         return a
     finite = np.isfinite(a)
-    limit = float(np.finfo(np.float16).max) * (127 if qtype == GGMLQuantizationType.Q8_0 else 1)
+    # the largest |value| whose block scale still fits float16: d = amax / 127 (Q8_0), amax / 8
+    # (Q4_0); Q4_1 stores the block minimum itself
+    limit = float(np.finfo(np.float16).max) * {GGMLQuantizationType.Q8_0: 127, GGMLQuantizationType.Q4_0: 8}.get(qtype, 1)
     if finite.all() and a.size and float(np.abs(a).max()) > limit:
         raise ValueError(f"tensor {name!r} has values up to {float(np.abs(a).max()):.4g}, beyond what "
                          f"{qtype.name} can hold; save with dtype='f32'")

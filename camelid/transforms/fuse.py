@@ -38,6 +38,8 @@ def _stack(states: list[dict], key: str) -> torch.Tensor:
 def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(layer, QuantizedLinear):
         state = dict(layer.state())
+    elif hasattr(layer, "dense_tensor"):  # camelid's float tiles (camelid.transforms.packed.TiledLinear)
+        state = {"weight": layer.dense_tensor()}
     else:
         state = {"weight": layer.weight.detach()}
     if layer.bias is not None:

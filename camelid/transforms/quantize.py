@@ -350,8 +350,17 @@ class BlockLinear(QuantizedLinear):
 
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
-for _name in kernels.QTYPES:
-    LAYERS[_name] = functools.partial(BlockLinear.from_float, format=_name)
+class _BlockFormat:
+    """LAYERS' entry for one GGUF block format: from_float as the other layer classes have it."""
+
+    def __init__(self, format: str):
+        self.format = format
+
+    def from_float(self, w, bias=None, group_size=32) -> BlockLinear:
+        return BlockLinear.from_float(w, bias, group_size, format=self.format)
+
+
+LAYERS.update({name: _BlockFormat(name) for name in kernels.QTYPES})
 
 
 class QuantizedEmbedding(nn.Module):
@@ -425,7 +434,8 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, for
                          f"{' ...' if len(bad) > 6 else ''}; group sizes that fit this model: {fit or 'none'}")
     with torch.no_grad():
         for name, m in linears.items():
-            w = m.weight.to_dense() if getattr(m.weight, "is_mkldnn", False) else m.weight  # oneDNN-packed
+            w = (m.dense_tensor() if hasattr(m, "dense_tensor") else  # camelid's float tiles
+                 m.weight.to_dense() if getattr(m.weight, "is_mkldnn", False) else m.weight)  # oneDNN-packed
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, LAYERS[fmts[name]].from_float(w, m.bias, group_size))
         if emb is not None:
