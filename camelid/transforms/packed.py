@@ -200,13 +200,6 @@ def pack(model: nn.Module) -> nn.Module:
         return model
     layer = TiledLinear if kernels.available() else PackedLinear  # camelid's kernel, else oneDNN's
     model.eval()
-    if layer is TiledLinear and next(model.parameters()).dtype == torch.bfloat16:
-        # bfloat16 weights, float32 compute (as llama.cpp runs BF16 files): the norms go to float32,
-        # so activations, the KV cache and the decode step do; the linears keep bfloat16 tiles and
-        # the embedding its bfloat16 rows (the model casts them)
-        for m in model.modules():
-            if hasattr(m, "variance_epsilon") and isinstance(getattr(m, "weight", None), nn.Parameter):
-                m.weight = nn.Parameter(m.weight.detach().float(), requires_grad=False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
