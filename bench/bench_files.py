@@ -1,9 +1,11 @@
-"""The benchmark files: the default model's shipped Q4_1 GGUF, and the Q4_0 / Q8_0 that llama.cpp's
-own quantizer makes from camelid's f16 export of it (cached in $CAMELID_HOME/bench/)."""
+"""What the benchmark scripts share: the files (the default model's shipped Q4_1 GGUF, and the
+Q4_0 / Q8_0 that llama.cpp's own quantizer makes from camelid's f16 export of it, cached in
+$CAMELID_HOME/bench/) and the llama.cpp measurement."""
 
 from __future__ import annotations
 
 import ctypes
+import time
 from pathlib import Path
 
 
@@ -34,3 +36,20 @@ def make_files(source: Path | None = None) -> dict[str, Path]:
                 raise RuntimeError(f"llama_model_quantize failed for {name}")
             tmp.rename(files[name])
     return files
+
+
+def llama_cpp_figures(ll, new: int) -> tuple[float, float, float]:
+    """(time to first token s, prefill tok/s at 512 tokens, greedy decode tok/s) of a llama_cpp.Llama,
+    on the same random prompts camelid.evaluate.benchmark.measure uses."""
+    from camelid.evaluate.benchmark import prompts, timed
+
+    short, long = prompts(ll.n_vocab())
+    toks = short[0].tolist()
+    ttft, _ = timed(lambda: (ll.reset(), ll.eval(toks)))
+    pre, _ = timed(lambda: (ll.reset(), ll.eval(long[0].tolist())))
+    ll.reset()
+    ll.eval(toks)
+    start = time.perf_counter()
+    for _ in range(new):
+        ll.eval([int(ll.sample(temp=0.0))])
+    return ttft, long.shape[1] / pre, new / (time.perf_counter() - start)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from bench_files import make_files  # noqa: E402
+from bench_files import llama_cpp_figures, make_files  # noqa: E402
 
 
 # ---------------------------------------------------------------------- children (one engine each)
@@ -42,27 +42,18 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from camelid.evaluate.benchmark import measure, prompts, timed
+    from camelid.evaluate.benchmark import measure
 
     if args.engine == "llama.cpp":
         from llama_cpp import Llama
 
         ll = Llama(model_path=args.file, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
                    n_batch=512, verbose=False)
-        short, long = prompts(ll.n_vocab())
-        toks = short[0].tolist()
-        ttft, _ = timed(lambda: (ll.reset(), ll.eval(toks)))
-        pre, _ = timed(lambda: (ll.reset(), ll.eval(long[0].tolist())))
-        ll.reset()
-        ll.eval(toks)
-        start = time.perf_counter()
-        for _ in range(args.new):
-            ll.eval([int(ll.sample(temp=0.0))])
-        d1 = args.new / (time.perf_counter() - start)
+        ttft, prefill, d1 = llama_cpp_figures(ll, args.new)
         from gguf import GGUFReader
 
         wb = sum(int(t.n_bytes) for t in GGUFReader(args.file).tensors)  # every tensor, once per token
-        return dict(ttft=ttft, prefill=long.shape[1] / pre, decode1=d1, decode8=None, rss=peak_rss(), wbytes=wb)
+        return dict(ttft=ttft, prefill=prefill, decode1=d1, decode8=None, rss=peak_rss(), wbytes=wb)
     if args.engine == "transformers":
         import transformers
 

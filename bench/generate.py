@@ -9,11 +9,15 @@ achieves (weight bytes x decode steps/s).
 """
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from camelid.evaluate.benchmark import HEADER, Figures, measure, peak_rss, prompts, timed, weight_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_files import llama_cpp_figures  # noqa: E402
+
+from camelid.evaluate.benchmark import HEADER, Figures, measure, peak_rss, weight_bytes
 
 
 def main():
@@ -52,17 +56,8 @@ def main():
         from llama_cpp import Llama
 
         ll = Llama(model_path=str(path), n_threads=args.threads, n_ctx=1024, verbose=False)
-        short, long = prompts(V)
-        toks = short[0].tolist()
-        ttft, _ = timed(lambda: (ll.reset(), ll.eval(toks)))
-        pre, _ = timed(lambda: (ll.reset(), ll.eval(long[0].tolist())))
-        ll.reset()
-        ll.eval(toks)
-        start = time.perf_counter()
-        for _ in range(args.new):
-            ll.eval([int(ll.sample(temp=0.0))])
-        rows["llama.cpp Q4_1"] = Figures(ttft=ttft, prefill=long.shape[1] / pre,
-                                         decode1=args.new / (time.perf_counter() - start), decode8=float("nan"),
+        ttft, prefill, d1 = llama_cpp_figures(ll, args.new)
+        rows["llama.cpp Q4_1"] = Figures(ttft=ttft, prefill=prefill, decode1=d1, decode8=float("nan"),
                                          peak_rss=peak_rss())
     except ImportError:
         print("llama-cpp-python not installed: llama.cpp row skipped")

@@ -106,7 +106,7 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
     gguf = gguf_path(path)
     wants = (bnb_4bit_quant_type if load_in_4bit else bnb_8bit_quant_type if load_in_8bit else None)
     if (gguf is not None and plan is None and wants in (None, "q4_0", "q4_1", "q8_0") and is_gguf(gguf)
-            and (pack is not False or wants) and native_gguf(gguf, dtype, device)):
+            and (pack is not False or wants) and native_gguf(dtype, device)):
         model = load_gguf_quantized(gguf, **kwargs, native=True)  # the file's blocks, kept
         kinds = {m.format for m in model.modules() if isinstance(m, BlockLinear)}
         if wants is None or kinds == {wants} or (load_in_4bit and kinds & {"q4_0", "q4_1"}
@@ -250,7 +250,7 @@ def _gguf_layer(t, heads, dtype, device, native: bool = False) -> QuantizedLinea
     return None
 
 
-def native_gguf(path, dtype, device) -> bool:
+def native_gguf(dtype, device) -> bool:
     """Whether a GGUF loads with its blocks kept for camelid's CPU kernels: the default on CPU when
     no dtype is asked for (dtype="float32" dequantizes, for parity work; pack=False gives plain
     float layers, for training and export) and the kernels built."""

@@ -6,7 +6,6 @@ exact sum (plus one rounding per product), so each check is `|kernel - float64| 
 compared to the bit: they do the same float32 operations in the same order.
 """
 
-import math
 import subprocess
 import sys
 import warnings
@@ -146,6 +145,8 @@ def test_bad_calls_raise_instead_of_reading_out_of_bounds():
         K.quant_linear(torch.randn(1, 64), packed, 6, 16)
     with pytest.raises(RuntimeError, match="float32"):
         K.quant_linear(torch.randn(1, 64, dtype=torch.float64), packed, K.Q8_0, 16)
+    with pytest.raises(RuntimeError, match="row 16 outside"):  # an embedding id past the table
+        torch.ops.camelid.quant_rows(packed, K.Q8_0, torch.tensor([0, 16]), 16)
 
 
 # ---------------------------------------------------------------------- float products

@@ -32,6 +32,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
@@ -160,7 +161,7 @@ def dense_linear(x: torch.Tensor, tiled: torch.Tensor, n: int) -> torch.Tensor:
 
 def file_blocks(raw, n: int, k: int, qtype: int) -> torch.Tensor:
     """A tensor's bytes as the file has them -> uint8 [n, k/32, block bytes], checked."""
-    t = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(__import__("numpy").array(raw))  # a writable copy
+    t = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.array(raw))  # a writable copy
     t = t.reshape(-1)
     bs = FILE_BYTES[qtype]
     if t.dtype != torch.uint8 or k % 32 or t.numel() != n * (k // 32) * bs:

@@ -38,7 +38,7 @@ def _stack(states: list[dict], key: str) -> torch.Tensor:
 def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(layer, QuantizedLinear):
         state = dict(layer.state())
-    elif hasattr(layer, "dense_tensor"):  # camelid's float tiles (camelid.transforms.packed.TiledLinear)
+    elif hasattr(layer, "dense_tensor"):  # packed or tiled (camelid.transforms.packed): the dense weight
         state = {"weight": layer.dense_tensor()}
     else:
         state = {"weight": layer.weight.detach()}

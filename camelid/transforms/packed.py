@@ -50,14 +50,22 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(_pack(linear.weight), requires_grad=False)
+        self.weight = nn.Parameter(self._layout(linear.weight.detach()), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    # the two layout hooks: dense [out, in] -> what `weight` holds, and back
+    @staticmethod
+    def _layout(w: torch.Tensor) -> torch.Tensor:
+        return _pack(w)
+
+    def dense_tensor(self) -> torch.Tensor:
+        return self.weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the packed weight's {self.weight.dtype}")
         if torch.is_grad_enabled() and x.requires_grad:  # oneDNN's op has no backward: keep dx correct
-            return F.linear(x, self.weight.to_dense(), self.bias)
+            return F.linear(x, self.dense_tensor(), self.bias)
         if x.numel() == x.shape[-1]:  # one row: oneDNN takes another path that rounds differently
             # for in_features > 1024 (measured); two rows (the second a copy, dropped) give every
             # row count the same bits: that is batch invariance, for about 5% of a decode step.
@@ -69,7 +77,7 @@ class PackedLinear(nn.Module):
     def dense(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            dtype=self.weight.dtype, device="meta")
-        linear.weight = nn.Parameter(self.weight.to_dense())
+        linear.weight = nn.Parameter(self.dense_tensor())
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear
@@ -81,77 +89,11 @@ class PackedLinear(nn.Module):
         return super().train(False)
 
     def _apply(self, fn, recurse=True):  # .to(...) / .float() / .cuda(): go through the dense weight
-        w = fn(self.weight.to_dense())
+        w = fn(self.dense_tensor())
         if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
             raise RuntimeError("a packed model stays on the CPU in float32/bfloat16: call "
                                "camelid.transforms.packed.unpack(model) before moving it or changing its dtype")
-        self.weight = nn.Parameter(_pack(w), requires_grad=False)
-        if self.bias is not None:
-            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight.to_dense()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
-            return
-        w = state_dict[prefix + "weight"]
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)}, expected "
-                              f"{(self.out_features, self.in_features)}")
-            return
-        self.weight = nn.Parameter(_pack(w.to(self.weight.dtype)), requires_grad=False)
-        if self.bias is not None and prefix + "bias" in state_dict:
-            self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().to(self.bias.dtype), requires_grad=False)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
-
-
-class TiledLinear(PackedLinear):
-    """A frozen linear layer for camelid's own float kernel (camelid/kernels/csrc/dense.cpp): the
-    weight Parameter holds [ceil(N/16), K, 16] tiles in float32 or bfloat16; activations and sums
-    are float32 whatever the weight's dtype (bfloat16 weights are converted exactly), and a row's
-    result never depends on the batch (no two-row trick needed). state_dict yields the dense weight."""
-
-    def __init__(self, linear: nn.Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        self.kind = BF16_TILES if w.dtype == torch.bfloat16 else F32_TILES
-        self.weight = nn.Parameter(kernels.tile(w.contiguous()), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def dense_tensor(self) -> torch.Tensor:
-        return kernels.untile(self.weight.detach(), self.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return F.linear(x, self.dense_tensor().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = kernels.dense_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight, self.out_features)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
-
-    def dense(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           dtype=self.weight.dtype, device="meta")
-        linear.weight = nn.Parameter(self.dense_tensor())
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach().clone())
-        return linear
-
-    def _apply(self, fn, recurse=True):
-        w = fn(self.dense_tensor())
-        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
-            raise RuntimeError("a tiled model stays on the CPU in float32/bfloat16: call "
-                               "camelid.transforms.packed.unpack(model) before moving it or changing its dtype")
-        self.kind = BF16_TILES if w.dtype == torch.bfloat16 else F32_TILES
-        self.weight = nn.Parameter(kernels.tile(w.contiguous()), requires_grad=False)
+        self.weight = nn.Parameter(self._layout(w), requires_grad=False)
         if self.bias is not None:
             self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
         return self
@@ -171,9 +113,36 @@ class TiledLinear(PackedLinear):
             error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)}, expected "
                               f"{(self.out_features, self.in_features)}")
             return
-        self.weight = nn.Parameter(kernels.tile(w.to(self.weight.dtype).contiguous()), requires_grad=False)
+        self.weight = nn.Parameter(self._layout(w.to(self.weight.dtype)), requires_grad=False)
         if self.bias is not None and prefix + "bias" in state_dict:
             self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().to(self.bias.dtype), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+
+
+class TiledLinear(PackedLinear):
+    """A frozen linear layer for camelid's own float kernel (camelid/kernels/csrc/dense.cpp): the
+    weight Parameter holds [ceil(N/16), K, 16] tiles in float32 or bfloat16; sums are float32
+    whatever the weight's dtype (bfloat16 weights are converted exactly), and a row's result never
+    depends on the batch (no two-row trick needed). state_dict yields the dense weight."""
+
+    def _layout(self, w: torch.Tensor) -> torch.Tensor:
+        return kernels.tile(w.contiguous())
+
+    def dense_tensor(self) -> torch.Tensor:
+        return kernels.untile(self.weight.detach(), self.out_features)
+
+    @property
+    def kind(self) -> int:  # the kernels' weight kind
+        return BF16_TILES if self.weight.dtype == torch.bfloat16 else F32_TILES
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, self.dense_tensor().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = kernels.dense_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight, self.out_features)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -228,7 +197,4 @@ def is_packed(model: nn.Module) -> bool:
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an nn.Linear, a PackedLinear or a TiledLinear as an ordinary tensor."""
-    if isinstance(module, TiledLinear):
-        return module.dense_tensor()
-    w = module.weight
-    return w.to_dense() if w.is_mkldnn else w
+    return module.dense_tensor() if isinstance(module, PackedLinear) else module.weight

@@ -434,8 +434,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, for
                          f"{' ...' if len(bad) > 6 else ''}; group sizes that fit this model: {fit or 'none'}")
     with torch.no_grad():
         for name, m in linears.items():
-            w = (m.dense_tensor() if hasattr(m, "dense_tensor") else  # camelid's float tiles
-                 m.weight.to_dense() if getattr(m.weight, "is_mkldnn", False) else m.weight)  # oneDNN-packed
+            w = m.dense_tensor() if hasattr(m, "dense_tensor") else m.weight  # packed / tiled: their dense weight
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, LAYERS[fmts[name]].from_float(w, m.bias, group_size))
         if emb is not None:

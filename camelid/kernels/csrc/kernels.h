@@ -31,6 +31,7 @@ enum QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 // int8 weight of row r, input 4g+i.
 constexpr int TILE = 16;
 int block_bytes(int qtype);
+float f16_to_f32(uint16_t h);  // exact, on any CPU
 
 // Activations quantized per block of 32 (ggml's Q8 form): q int8 [K], d float [K/32] (amax/127),
 // s int32 [K/32] (sum of the block's codes). A block holding NaN or Inf gets d = NaN.

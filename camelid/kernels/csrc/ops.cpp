@@ -120,23 +120,6 @@ static at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, int64_t
   return y;
 }
 
-static inline float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);
-  else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
-  else if (!man) bits = sign;
-  else {
-    int e = -1;
-    uint32_t m = man;
-    do { m <<= 1; ++e; } while (!(m & 0x400));
-    bits = sign | uint32_t(112 - e) << 23 | (m & 0x3ff) << 13;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // Rows `ids` of a repacked table, dequantized: float32 [len(ids), K] (embedding lookups). The same
 // values as camelid.kernels.packed_rows (d * q, d * (q - 8) or d * q + m, each rounded once).
 static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tensor& ids, int64_t n) {
@@ -160,7 +143,7 @@ static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tenso
       uint16_t dh, mh = 0;
       std::memcpy(&dh, b + 2 * r, 2);
       if (qtype == Q4_1) std::memcpy(&mh, b + 32 + 2 * r, 2);
-      const float d = half_to_float(dh), m = half_to_float(mh);
+      const float d = f16_to_f32(dh), m = f16_to_f32(mh);
       float* o = op + i * K + 32 * j;
       for (int k = 0; k < 32; ++k) {
         if (qtype == Q8_0) {

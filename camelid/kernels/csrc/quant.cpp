@@ -26,7 +26,7 @@ int block_bytes(int qtype) {
   return 0;
 }
 
-static inline float f16_to_f32(uint16_t h) {  // exact, any CPU
+float f16_to_f32(uint16_t h) {  // exact, any CPU
   uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
   if (exp == 0x1f) {
     bits = sign | 0x7f800000 | (man << 13);
