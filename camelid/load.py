@@ -58,7 +58,8 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
     quantize.py). On CPU with camelid's kernels the defaults are GGUF's own blocks: Q4_1 (4-bit) and
     Q8_0 (8-bit), run by camelid's kernels and written by save_gguf(dtype="auto"); elsewhere int4 in
     groups of `group_size` (default 32) and int8 per output channel. bnb_4bit_quant_type: "q4_1",
-    "q4_0", "int4" or "nf4" (NormalFloat4); bnb_8bit_quant_type: "q8_0" or "int8". A GGUF's own
+    "q4_0", "q4_k" (super-blocks of 256; layers whose rows are not a multiple of 256 take q4_1), "int4"
+    or "nf4" (NormalFloat4); bnb_8bit_quant_type: "q8_0" or "int8". A GGUF's own
     Q4/Q8 blocks load as they are (no float copy). A checkpoint saved quantized (`save` of a
     quantized model) loads quantized, without these flags.
     device_map / max_memory (transformers' names): place the model over several devices, whole
@@ -79,9 +80,10 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
     blocks = kernels.available() and torch.device(device or "cpu").type == "cpu" and device_map is None
     if bnb_4bit_quant_type is None:
         bnb_4bit_quant_type = "q4_1" if blocks and group_size in (None, 32) else "int4"
-    if bnb_4bit_quant_type not in ("int4", "nf4", "q4_0", "q4_1"):
-        raise ValueError(f"bnb_4bit_quant_type must be 'q4_1', 'q4_0', 'int4' or 'nf4', got {bnb_4bit_quant_type!r}")
-    if bnb_4bit_quant_type in ("q4_0", "q4_1") and group_size not in (None, 32):
+    if bnb_4bit_quant_type not in ("int4", "nf4", "q4_0", "q4_1", "q4_k"):
+        raise ValueError(f"bnb_4bit_quant_type must be 'q4_1', 'q4_0', 'q4_k', 'int4' or 'nf4', "
+                         f"got {bnb_4bit_quant_type!r}")
+    if bnb_4bit_quant_type in ("q4_0", "q4_1", "q4_k") and group_size not in (None, 32):
         raise ValueError(f"{bnb_4bit_quant_type} blocks hold 32 weights: group_size {group_size!r} does not apply "
                          f"(use bnb_4bit_quant_type='int4')")
     bnb_8bit_quant_type = bnb_8bit_quant_type or ("q8_0" if blocks else "int8")
@@ -105,12 +107,13 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
         raise ValueError("max_memory applies with device_map ('auto', 'balanced' or 'sequential')")
     gguf = gguf_path(path)
     wants = (bnb_4bit_quant_type if load_in_4bit else bnb_8bit_quant_type if load_in_8bit else None)
-    if (gguf is not None and plan is None and wants in (None, "q4_0", "q4_1", "q8_0") and is_gguf(gguf)
+    if (gguf is not None and plan is None and wants in (None, "q4_0", "q4_1", "q4_k", "q8_0") and is_gguf(gguf)
             and (pack is not False or wants) and native_gguf(dtype, device)):
         model = load_gguf_quantized(gguf, **kwargs, native=True)  # the file's blocks, kept
         kinds = {m.format for m in model.modules() if isinstance(m, BlockLinear)}
-        if wants is None or kinds == {wants} or (load_in_4bit and kinds & {"q4_0", "q4_1"}
-                                                 and kinds <= {"q4_0", "q4_1", "q8_0"}):  # Q8_0: the lm_head
+        four = {"q4_0", "q4_1", "q4_k"}
+        if wants is None or kinds == {wants} or (load_in_4bit and kinds & four
+                                                 and kinds <= four | {"q6_k", "q8_0"}):  # 6/8-bit: the lm_head
             return _finish(model, adapter, pack)
         # the file holds other blocks than asked for: quantize from its floats below
     gguf = gguf if load_in_4bit and bnb_4bit_quant_type == "int4" and group_size in (None, 32) else None
@@ -229,7 +232,7 @@ def int8_from_q8_0(raw, shape, rows_per_chunk: int = 4096):
 
 def _gguf_layer(t, heads, dtype, device, native: bool = False) -> QuantizedLinear | None:
     """A GGUF tensor as a quantized layer, or None when its type does not map. native: the
-    file's own blocks for camelid's kernels (Q4_0 / Q4_1 / Q8_0), else int4 g32 / int8."""
+    file's own blocks for camelid's kernels (Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K), else int4 g32 / int8."""
     from gguf import GGMLQuantizationType as T
 
     fix = (lambda x: unpermute_from_gguf(x, heads)) if heads else (lambda x: x)  # q/k rows, see formats/gguf.py
@@ -237,7 +240,7 @@ def _gguf_layer(t, heads, dtype, device, native: bool = False) -> QuantizedLinea
         if int(t.type) not in kernels.NAMES:
             return None
         blocks = kernels.file_blocks(t.data, *t.shape, int(t.type))
-        scales = blocks[..., :kernels.HEADER[int(t.type)]].contiguous().view(torch.float16)
+        scales = kernels.block_scales(blocks, int(t.type))
         if not torch.isfinite(scales).all():
             row, block = (~torch.isfinite(scales)).any(-1).nonzero()[0].tolist()
             raise CheckpointError(f"{t.name}: block {block} of row {row} has a NaN or infinite scale (corrupt file)")

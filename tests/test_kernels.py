@@ -22,7 +22,14 @@ import camelid.kernels as K
 pytestmark = pytest.mark.skipif(not K.available(), reason="camelid's kernels are not built on this machine")
 
 EPS = 2.0 ** -23
-FORMATS = {"q4_0": (K.Q4_0, Q.Q4_0), "q4_1": (K.Q4_1, Q.Q4_1), "q8_0": (K.Q8_0, Q.Q8_0)}
+FORMATS = {"q4_0": (K.Q4_0, Q.Q4_0), "q4_1": (K.Q4_1, Q.Q4_1), "q8_0": (K.Q8_0, Q.Q8_0),
+           "q4_k": (K.Q4_K, Q.Q4_K), "q6_k": (K.Q6_K, Q.Q6_K)}
+
+
+def kin(fmt: str, k: int) -> int:
+    """k inputs rounded up to the format's block (256 for the K-quants)."""
+    b = K.BLOCK[FORMATS[fmt][0]]
+    return -(-k // b) * b
 
 
 def isas():
@@ -33,6 +40,8 @@ def isas():
 
 def blocks_of(w: torch.Tensor, fmt: str) -> torch.Tensor:
     qtype, gtype = FORMATS[fmt]
+    if qtype in K.kquants.TILE_BYTES:  # gguf-py has no K-quant quantizer
+        return K.kquants.quantize(w, qtype)
     raw = torch.from_numpy(gguf_quantize(w.numpy(), gtype))
     return K.file_blocks(raw, *w.shape, qtype)
 
@@ -54,7 +63,7 @@ def bound(xq: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_blocks_dequantize_like_the_gguf_package_and_repack_round_trips(fmt):
     qtype, gtype = FORMATS[fmt]
-    w = torch.randn(37, 96)
+    w = torch.randn(37, 3 * K.BLOCK[qtype])
     raw = blocks_of(w, fmt)
     want = gguf_dequantize(raw.reshape(37, -1).numpy(), gtype)
     assert torch.equal(K.dequantize(raw, qtype), torch.from_numpy(want).float())
@@ -63,6 +72,41 @@ def test_blocks_dequantize_like_the_gguf_package_and_repack_round_trips(fmt):
     assert torch.equal(K.unrepack(packed, qtype, 37), raw)
     ids = torch.tensor([0, 36, 17, 16, 15])
     assert torch.equal(K.packed_rows(packed, qtype, ids), K.dequantize(raw, qtype)[ids])
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_every_bit_of_a_k_quant_block_is_read_like_the_gguf_package(fmt):
+    """Random bytes (every scale, min and code bit pattern) with finite f16 super-block scales."""
+    qtype, gtype = FORMATS[fmt]
+    g = torch.Generator().manual_seed(qtype)
+    raw = torch.randint(0, 256, (21, 2, K.FILE_BYTES[qtype]), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(21, 2, 2, generator=g) * 0.02).half().view(torch.uint8).reshape(21, 2, 4)
+    raw[..., 0:4] = scale if qtype == K.Q4_K else raw[..., 0:4]
+    raw[..., 208:210] = scale[..., :2] if qtype == K.Q6_K else raw[..., 208:210]
+    want = gguf_dequantize(raw.reshape(21, -1).numpy(), gtype)
+    assert torch.equal(K.dequantize(raw, qtype), torch.from_numpy(want).float())
+    packed = K.repack(raw, qtype)
+    assert torch.equal(K.unrepack(packed, qtype, 21), raw)
+    ids = torch.tensor([0, 20, 16, 3])
+    assert torch.equal(torch.ops.camelid.quant_rows(packed, qtype, ids, 21), K.dequantize(raw, qtype)[ids])
+    x = torch.randn(3, 512)
+    outs = {isa: run(x, raw, qtype, isa) for isa in isas()}
+    assert all(torch.equal(y, outs["scalar"]) for y in outs.values())
+    ref = K.reference_quant_linear(x, raw, qtype)
+    assert (outs["scalar"].double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_k_quant_quantizer_error_is_that_of_its_bits(fmt):
+    """camelid's K-quant fit (gguf-py has none): relative RMS error near what the bits allow
+    (uniform steps over a Gaussian: about 8% at 4 bits with a min, 2% at 6 bits)."""
+    qtype = FORMATS[fmt][0]
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
+    err = K.dequantize(K.kquants.quantize(w, qtype), qtype) - w
+    rel = (err.pow(2).mean() / w.pow(2).mean()).sqrt().item()
+    assert rel < {"q4_k": 0.1, "q6_k": 0.03}[fmt]
+    with pytest.raises(ValueError, match="not a multiple of 256"):
+        K.kquants.quantize(torch.randn(4, 576), qtype)
 
 
 def test_float_tiles_round_trip():
@@ -76,7 +120,7 @@ def test_float_tiles_round_trip():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,Kin,M", [(1, 32, 1), (37, 96, 2), (17, 352, 3), (64, 576, 17), (200, 1536, 1)])
 def test_quant_linear_matches_float64_on_the_same_activations(fmt, N, Kin, M):
-    qtype = FORMATS[fmt][0]
+    qtype, Kin = FORMATS[fmt][0], kin(fmt, Kin)
     g = torch.Generator().manual_seed(N * 1000 + Kin + M)
     w, x = torch.randn(N, Kin, generator=g), torch.randn(M, Kin, generator=g) * 3
     raw = blocks_of(w, fmt)
@@ -94,8 +138,8 @@ def test_quant_linear_matches_float64_on_the_same_activations(fmt, N, Kin, M):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_isa_path_gives_the_same_bits(fmt):
-    qtype = FORMATS[fmt][0]
-    w, x = torch.randn(45, 160), torch.randn(5, 160)
+    qtype, k = FORMATS[fmt][0], kin(fmt, 160)
+    w, x = torch.randn(45, k), torch.randn(5, k)
     raw = blocks_of(w, fmt)
     outs = {isa: run(x, raw, qtype, isa) for isa in isas()}
     assert len(outs) >= 2  # the portable path and at least the machine's own
@@ -110,8 +154,8 @@ def test_every_isa_path_gives_the_same_bits(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_row_gives_the_same_bits_in_any_batch(fmt):
-    qtype = FORMATS[fmt][0]
-    w, x = torch.randn(50, 576), torch.randn(17, 576)
+    qtype, k = FORMATS[fmt][0], kin(fmt, 576)
+    w, x = torch.randn(50, k), torch.randn(17, k)
     raw = blocks_of(w, fmt)
     packed = K.repack(raw, qtype)
     whole = K.quant_linear(x, packed, qtype, 50)
@@ -123,8 +167,8 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_nan_and_inf_inputs_poison_only_their_row(fmt):
-    qtype = FORMATS[fmt][0]
-    w, x = torch.randn(20, 64), torch.randn(4, 64)
+    qtype, k = FORMATS[fmt][0], kin(fmt, 64)
+    w, x = torch.randn(20, k), torch.randn(4, k)
     raw = blocks_of(w, fmt)
     clean = run(x, raw, qtype)
     x[1, 3], x[2, 40] = float("nan"), float("inf")
@@ -169,11 +213,12 @@ def test_dense_linear_matches_float64(dtype, N, Kin, M):
 
 # ---------------------------------------------------------------------- files: fallbacks and corrupt blocks
 
-def tiny_gguf(path, types: dict[str, Q], corrupt: str | None = None):
-    """A 2-layer Llama GGUF (hidden 64, 4 heads of 16, 2 KV heads) with weights in `types` (name
-    -> GGML type; default Q8_0); `corrupt`: a tensor whose first block's scale is set to NaN."""
+def tiny_gguf(path, types: dict[str, Q], corrupt: str | None = None, I: int = 128):
+    """A 2-layer Llama GGUF (hidden 64, 4 heads of 16, 2 KV heads, MLP width I) with weights in
+    `types` (name -> GGML type; default Q8_0); `corrupt`: a tensor whose first block's scale is set
+    to NaN."""
     g = torch.Generator().manual_seed(0)
-    C, I, V, L = 64, 128, 96, 2
+    C, V, L = 64, 96, 2
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(L)
     w.add_context_length(128)
@@ -195,9 +240,14 @@ def tiny_gguf(path, types: dict[str, Q], corrupt: str | None = None):
             w.add_tensor(name, (1 + 0.1 * torch.randn(shape, generator=g)).numpy())
             continue
         qtype = types.get(name, Q.Q8_0)
-        raw = gguf_quantize((0.2 * torch.randn(shape, generator=g)).numpy(), qtype)
+        weights = 0.2 * torch.randn(shape, generator=g)
+        if qtype in (Q.Q4_K, Q.Q6_K):  # camelid's quantizer: gguf-py has none
+            raw = K.kquants.quantize(weights, qtype.value).reshape(shape[0], -1).numpy()
+        else:
+            raw = gguf_quantize(weights.numpy(), qtype)
         if name == corrupt:
-            raw[0, 0:2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+            at = 208 if qtype == Q.Q6_K else 0  # the (first) f16 scale of the first block
+            raw[0, at:at + 2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
         w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -222,6 +272,35 @@ def test_a_gguf_loads_with_its_blocks_and_its_kernels_by_default(tmp_path):
     with torch.inference_mode():
         a, b = model(ids).logits, floats(ids).logits
     assert (a - b).abs().max() < 0.05 * b.abs().max()  # int8 activations: a small, bounded drift
+
+
+def test_k_quant_layers_load_as_they_are_and_save_back_byte_for_byte(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.formats.gguf_file import GGUFFile
+    from camelid.formats.gguf_write import save_gguf
+
+    path = tiny_gguf(tmp_path / "m.gguf", {"blk.0.ffn_down.weight": Q.Q4_K, "blk.1.ffn_down.weight": Q.Q6_K}, I=256)
+    model = LlamaForCausalLM.from_pretrained(path)
+    assert [layer.mlp.down_proj.format for layer in model.model.layers] == ["q4_k", "q6_k"]
+    floats = LlamaForCausalLM.from_pretrained(path, dtype="float32")
+    ids = torch.tensor([[1, 5, 9, 30, 2, 77]])
+    with torch.inference_mode():
+        a, b = model(ids).logits, floats(ids).logits
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    save_gguf(model, tmp_path / "back.gguf", dtype="auto")
+    src, back = GGUFFile(path), GGUFFile(tmp_path / "back.gguf")
+    for name in ("blk.0.ffn_down.weight", "blk.1.ffn_down.weight"):
+        assert back.tensors[name].type == src.tensors[name].type
+        assert np.array_equal(np.asarray(back.tensors[name].data), np.asarray(src.tensors[name].data)), name
+
+
+def test_a_nan_k_quant_scale_is_reported_with_the_tensor_name(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.formats import CheckpointError
+
+    path = tiny_gguf(tmp_path / "m.gguf", {"blk.1.ffn_down.weight": Q.Q6_K}, corrupt="blk.1.ffn_down.weight", I=256)
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_down\.weight: block 0 of row 0 has a NaN"):
+        LlamaForCausalLM.from_pretrained(path)
 
 
 def test_a_type_with_no_kernel_is_dequantized_with_a_one_line_note(tmp_path):
@@ -277,11 +356,14 @@ def test_a_fresh_machine_builds_once_and_a_second_start_only_loads(tmp_path):
 
 # ---------------------------------------------------------------------- the fused decode layer
 
-def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path):
+@pytest.mark.parametrize("types", [{"blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_1},
+                                   {"blk.0.ffn_down.weight": Q.Q4_K, "blk.1.ffn_down.weight": Q.Q6_K}],
+                         ids=["q4_1", "k-quants"])
+def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path, types):
     from camelid import LlamaForCausalLM
     from camelid.core.cache import KVCache
 
-    path = tiny_gguf(tmp_path / "m.gguf", {n: Q.Q4_1 for n in ("blk.0.ffn_gate.weight", "blk.0.ffn_up.weight")})
+    path = tiny_gguf(tmp_path / "m.gguf", types, I=256)
     model = LlamaForCausalLM.from_pretrained(path)
     assert model.model.fused_decode is not None
     ids = torch.tensor([[0, 0, 4, 8, 15, 16], [1, 23, 42, 7, 9, 11]])
@@ -308,7 +390,8 @@ def test_the_fused_decode_step_gives_the_same_bits_on_every_isa_path(tmp_path):
     from camelid import LlamaForCausalLM
     from camelid.core.cache import KVCache
 
-    model = LlamaForCausalLM.from_pretrained(tiny_gguf(tmp_path / "m.gguf", {"blk.1.ffn_down.weight": Q.Q4_0}))
+    model = LlamaForCausalLM.from_pretrained(tiny_gguf(
+        tmp_path / "m.gguf", {"blk.1.ffn_down.weight": Q.Q4_0, "blk.0.ffn_down.weight": Q.Q6_K}, I=256))
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6] * 5])  # 40 keys: the exp runs 16 at a time and then the tail
     outs = {}
     for isa in isas():

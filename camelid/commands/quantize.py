@@ -12,8 +12,8 @@ def add_arguments(p) -> None:
     p.add_argument("dst", help="output folder (new or empty)")
     p.add_argument("--bits", type=int, choices=[4, 8], required=True)
     p.add_argument("--group-size", type=int, default=None, help="int4: 32 (default) | 64 | 128 | 256")
-    p.add_argument("--format", choices=["q4_1", "q4_0", "int4", "nf4", "q8_0", "int8"], default=None,
-                   help="codes: 4-bit q4_1 | q4_0 | int4 | nf4, 8-bit q8_0 | int8 (default: q4_1 / q8_0 on "
+    p.add_argument("--format", choices=["q4_1", "q4_0", "q4_k", "int4", "nf4", "q8_0", "int8"], default=None,
+                   help="codes: 4-bit q4_1 | q4_0 | q4_k | int4 | nf4, 8-bit q8_0 | int8 (default: q4_1 / q8_0 on "
                         "CPU with camelid's kernels, else int4 / int8)")
 
 

@@ -26,7 +26,11 @@ from camelid.formats.gguf import gguf_name, permute_for_gguf
 # dtype -> (general.file_type as llama.cpp numbers it, ggml type of the 2-D weights)
 FILE_TYPES = {"f32": (0, GGMLQuantizationType.F32), "f16": (1, GGMLQuantizationType.F16),
               "q8_0": (7, GGMLQuantizationType.Q8_0), "q4_0": (2, GGMLQuantizationType.Q4_0),
-              "q4_1": (3, GGMLQuantizationType.Q4_1)}
+              "q4_1": (3, GGMLQuantizationType.Q4_1), "q4_k": (15, GGMLQuantizationType.Q4_K),
+              "q6_k": (18, GGMLQuantizationType.Q6_K)}
+# K-quants need rows a multiple of 256 long; the other 2-D weights take these (as camelid's quantize)
+K_FALLBACK = {GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q4_1,
+              GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0}
 # dtype="auto": what a model's own blocks (camelid.transforms.quantize.BlockLinear) are, kept as they are
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the block layout of the quantized types
 UNUSED = 5  # llama.cpp token type of the "[PAD{i}]" filler tokens
@@ -37,7 +41,8 @@ def save_gguf(model: LlamaForCausalLM, path, dtype: str = "f16", vocab: dict | N
     transformers read back.
 
     dtype: "f16" (2-D weights float16), "q8_0" / "q4_0" / "q4_1" (2-D weights whose rows are a
-    multiple of 32 long quantized by the gguf package's quantizer, the rest float16; with the 4-bit
+    multiple of 32 long quantized by the gguf package's quantizer, the rest float16), "q4_k" / "q6_k"
+    (camelid's K-quant quantizer; rows not a multiple of 256 take q4_1 / q8_0); with the 4-bit
     types the embedding and output tables are Q8_0, as llama.cpp does where K-quants do not fit),
     "f32", or "auto": a model holding GGUF blocks (a GGUF loaded as it is, or quantized to q4_0 /
     q4_1 / q8_0) writes its blocks byte for byte and its float tensors as f16. Norms and every 1-D
@@ -236,7 +241,7 @@ def _tensor_plan(model: LlamaForCausalLM, dtype: str, rope_freqs) -> list:
         heads = H if ".q_proj." in hf else Hkv if ".k_proj." in hf else None
         get = (lambda r=rows, n=heads: permute_for_gguf(r, n)) if heads else (lambda r=rows: r)
         plan.append((gguf_name(hf), shape, qtype, get))
-    small = wanted in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+    small = wanted in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
     for hf, t in state.items():
         try:
             name = gguf_name(hf)
@@ -244,8 +249,10 @@ def _tensor_plan(model: LlamaForCausalLM, dtype: str, rope_freqs) -> list:
             raise ValueError(f"tensor {hf!r} has no llama.cpp name; it cannot be written as GGUF") from None
         if t.ndim == 1 or wanted == GGMLQuantizationType.F32:
             qtype = GGMLQuantizationType.F32
-        elif wanted != GGMLQuantizationType.F16 and t.shape[-1] % GGML_QUANT_SIZES[wanted][0] == 0:
+        elif wanted != GGMLQuantizationType.F16 and t.shape[-1] % 32 == 0:
             qtype = GGMLQuantizationType.Q8_0 if small and name in ("token_embd.weight", "output.weight") else wanted
+            if t.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+                qtype = K_FALLBACK[qtype]
         else:
             qtype = GGMLQuantizationType.F16
         plan.append((name, tuple(t.shape), qtype, getter(hf, t)))
@@ -273,6 +280,10 @@ def _encode(name: str, t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarr
                          f"{qtype.name} can hold; save with dtype='f32'")
     if qtype == GGMLQuantizationType.F16:
         return a.astype(np.float16)
+    if qtype in K_FALLBACK:  # gguf-py has no K-quant quantizer: camelid's own
+        from camelid.kernels import kquants
+
+        return kquants.quantize(torch.from_numpy(a), qtype.value).reshape(a.shape[0], -1).numpy()
     return quantize(a, qtype)
 
 

@@ -1,7 +1,7 @@
 """camelid's own CPU kernels (C++ in csrc/, registered as torch.ops.camelid.*), their weight
 layouts, and the pure-PyTorch references they are tested against.
 
-    quant_linear(x, packed, qtype, n)   x [M, K] float32 @ W^T, W in GGUF Q4_0 / Q4_1 / Q8_0 blocks
+    quant_linear(x, packed, qtype, n)   x [M, K] float32 @ W^T, W in GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks
     dense_linear(x, tiled, n)           x [M, K] float32 @ W^T, W float32 or bfloat16
     repack(raw, qtype) / unrepack       the file's blocks [N, K/32, bytes] <-> the kernels' tiles
     tile(w) / untile                    [N, K] <-> [ceil(N/16), K, 16]
@@ -35,16 +35,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
+from camelid.kernels import kquants
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "kquant.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-Wno-maybe-uninitialized"]
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: at run time the copy torch has loaded already
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512"}
-Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
-QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14  # GGML type ids
+QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0, "q4_k": Q4_K, "q6_k": Q6_K}
 NAMES = {v: k for k, v in QTYPES.items()}
-FILE_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}  # a 32-weight block in the file
-TILE_BYTES = {Q4_0: 288, Q4_1: 320, Q8_0: 544}  # 16 rows x one block in the kernels' tiles
-HEADER = {Q4_0: 2, Q4_1: 4, Q8_0: 2}  # bytes of scales before the codes in a file block
+BLOCK = {Q4_0: 32, Q4_1: 32, Q8_0: 32, Q4_K: 256, Q6_K: 256}  # weights per file block
+FILE_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144, Q6_K: 210}  # one block in the file
+TILE_BYTES = {Q4_0: 288, Q4_1: 320, Q8_0: 544, Q4_K: 2368, Q6_K: 3360}  # 16 rows x one block in the kernels' tiles
+HEADER = {Q4_0: 2, Q4_1: 4, Q8_0: 2}  # bytes of scales before the codes in a 32-weight file block
 TILE = 16
 
 _state: dict = {}
@@ -163,16 +166,27 @@ def file_blocks(raw, n: int, k: int, qtype: int) -> torch.Tensor:
     """A tensor's bytes as the file has them -> uint8 [n, k/32, block bytes], checked."""
     t = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.array(raw))  # a writable copy
     t = t.reshape(-1)
-    bs = FILE_BYTES[qtype]
-    if t.dtype != torch.uint8 or k % 32 or t.numel() != n * (k // 32) * bs:
-        raise ValueError(f"{NAMES[qtype]}: expected {n * (k // 32) * bs} bytes for [{n}, {k}], got {t.numel()} "
+    bs, block = FILE_BYTES[qtype], BLOCK[qtype]
+    if k % block:
+        raise ValueError(f"{NAMES[qtype]}: {k} inputs per row is not a multiple of its {block}-weight blocks")
+    if t.dtype != torch.uint8 or t.numel() != n * (k // block) * bs:
+        raise ValueError(f"{NAMES[qtype]}: expected {n * (k // block) * bs} bytes for [{n}, {k}], got {t.numel()} "
                          f"of {t.dtype}")
-    return t.reshape(n, k // 32, bs)
+    return t.reshape(n, k // block, bs)
+
+
+def block_scales(raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """The f16 scales of file blocks [N, J, bytes] as float32 [N, J, n] (corrupt-file checks)."""
+    if qtype in kquants.TILE_BYTES:
+        return kquants.scales(raw, qtype)
+    return raw[..., :HEADER[qtype]].contiguous().view(torch.float16).float()
 
 
 def repack(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """File blocks uint8 [N, J, bs] -> tiles uint8 [ceil(N/16), J, tile bytes] (layout: csrc/kernels.h).
     Rows past N are zero (scale 0: they compute 0 and are never written)."""
+    if qtype in kquants.TILE_BYTES:
+        return kquants.repack(raw, qtype)
     N, J, bs = raw.shape
     T, h = -(-N // TILE), HEADER[qtype]
     r = torch.nn.functional.pad(raw, (0, 0, 0, 0, 0, T * TILE - N)).view(T, TILE, J, bs).permute(0, 2, 1, 3)
@@ -186,6 +200,8 @@ def repack(raw: torch.Tensor, qtype: int) -> torch.Tensor:
 
 def unrepack(packed: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
     """The inverse of repack: tiles -> file blocks uint8 [n, J, bs]."""
+    if qtype in kquants.TILE_BYTES:
+        return kquants.unrepack(packed, qtype, n)
     T, J, _ = packed.shape
     bs, h = FILE_BYTES[qtype], HEADER[qtype]
     cols = [packed[..., 0:32].reshape(T, J, TILE, 2)]
@@ -198,7 +214,9 @@ def unrepack(packed: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
 
 
 def dequantize(raw: torch.Tensor, qtype: int) -> torch.Tensor:
-    """File blocks uint8 [N, J, bs] -> float32 [N, J*32], exactly as ggml defines the formats."""
+    """File blocks uint8 [N, J, bs] -> float32 [N, J * block], exactly as ggml defines the formats."""
+    if qtype in kquants.TILE_BYTES:
+        return kquants.dequantize(raw, qtype)
     N, J, _ = raw.shape
     d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [N, J, 1]
     if qtype == Q8_0:

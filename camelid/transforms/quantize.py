@@ -37,7 +37,9 @@ import camelid.kernels as kernels
 
 BF16 = torch.bfloat16
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept (and the NF4 block sizes allowed)
-FORMATS = {"int8": 8, "int4": 4, "nf4": 4, "q4_0": 4, "q4_1": 4, "q8_0": 8}  # q*: GGUF blocks
+FORMATS = {"int8": 8, "int4": 4, "nf4": 4, "q4_0": 4, "q4_1": 4, "q8_0": 8, "q4_k": 4, "q6_k": 6}  # q*: GGUF blocks
+# K-quants need rows a multiple of 256 long; other layers take these (llama.cpp: Q5_0 and Q8_0)
+K_FALLBACK = {"q4_k": "q4_1", "q6_k": "q8_0"}
 # NormalFloat4 (Dettmers et al. 2023, as bitsandbytes): quantiles of N(0, 1) scaled to [-1, 1].
 NF4_CODES = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -304,8 +306,9 @@ class NF4Linear(QuantizedLinear):
 
 
 class BlockLinear(QuantizedLinear):
-    """GGUF's own blocks (Q4_0, Q4_1, Q8_0: 32 weights per block, f16 scales) run by camelid's
-    kernels (camelid/kernels): activations quantized to int8 per block, integer dot products,
+    """GGUF's own blocks (Q4_0, Q4_1, Q8_0: 32 weights per block, f16 scales; Q4_K, Q6_K: super-
+    blocks of 256) run by camelid's kernels (camelid/kernels): activations quantized to int8 per
+    block of 32, integer dot products,
     rows repacked into 16-row tiles once, at construction. Batch-invariant: a row's output never
     depends on the other rows. Where the kernels are missing, the blocks are dequantized per call
     (slow but exact, the reference path)."""
@@ -314,8 +317,9 @@ class BlockLinear(QuantizedLinear):
 
     def __init__(self, blocks: torch.Tensor, qtype: int, bias=None, dtype=torch.float32):
         N, J, _ = blocks.shape
-        super().__init__(32 * J, N, bias, dtype)
+        super().__init__(kernels.BLOCK[int(qtype)] * J, N, bias, dtype)
         self.qtype, self.format = int(qtype), kernels.NAMES[int(qtype)]
+        self.group_size = kernels.BLOCK[self.qtype]
         self.register_buffer("qweight", kernels.repack(blocks, self.qtype))  # [ceil(N/16), J, tile bytes]
 
     @classmethod
@@ -323,6 +327,8 @@ class BlockLinear(QuantizedLinear):
         from gguf import GGMLQuantizationType, quants
 
         qtype = kernels.QTYPES[format]
+        if qtype in kernels.kquants.TILE_BYTES:  # gguf-py has no K-quant quantizer: camelid's own
+            return cls(kernels.kquants.quantize(w.cpu(), qtype), qtype, bias, dtype=w.dtype)
         raw = quants.quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
         return cls(kernels.file_blocks(torch.from_numpy(raw), *w.shape, qtype), qtype, bias, dtype=w.dtype)
 
@@ -394,13 +400,14 @@ def _check_args(bits, group_size, format, lm_head_bits):
     format = format or {8: "int8", 4: "int4"}.get(bits)
     if format not in FORMATS or FORMATS[format] != bits:
         raise ValueError(f"unsupported quantization bits={bits!r}, format={format!r}: use bits=8 (int8, or "
-                         f"format='q8_0'), bits=4 (int4), or bits=4 with format='nf4', 'q4_0' or 'q4_1'")
+                         f"format='q8_0'), bits=4 (int4), bits=4 with format='nf4', 'q4_0', 'q4_1' or 'q4_k', "
+                         f"or bits=6 with format='q6_k'")
     if lm_head_bits not in (8, 4):
         raise ValueError(f"lm_head_bits must be 8 or 4, got {lm_head_bits!r}")
     if format in kernels.QTYPES:  # GGUF blocks: 32 weights each, an 8-bit head is Q8_0
         if group_size not in (None, 32):
             raise ValueError(f"{format} blocks hold 32 weights; group_size {group_size!r} does not apply")
-        return format, 32, "q8_0" if lm_head_bits == 8 else ("q4_0" if format == "q8_0" else format)
+        return format, 32, "q8_0" if lm_head_bits == 8 else ("q4_0" if format in ("q8_0", "q6_k") else format)
     if format == "int8" and group_size is not None:
         raise ValueError("int8 has one scale per output channel; group_size applies to int4 and nf4")
     group_size = group_size or {"int8": 32, "int4": 32, "nf4": 64}[format]
@@ -425,8 +432,12 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, for
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     emb = emb if embeddings and isinstance(emb, nn.Embedding) else None
     fmts = {name: head if name == "lm_head" else format for name in linears}
+    fmts = {name: K_FALLBACK[f] if f in K_FALLBACK and linears[name].in_features % 256 else f
+            for name, f in fmts.items()}
     inputs = [(name, m.in_features, fmts[name]) for name, m in linears.items()]
-    inputs += [("model.embed_tokens", emb.embedding_dim, head)] if emb is not None else []
+    if emb is not None:
+        head_emb = K_FALLBACK[head] if head in K_FALLBACK and emb.embedding_dim % 256 else head
+        inputs += [("model.embed_tokens", emb.embedding_dim, head_emb)]
     bad = [f"{name} ({k})" for name, k, fmt in inputs if fmt != "int8" and k % group_size]
     if bad:
         fit = [g for g in GROUP_SIZES if all(k % g == 0 for _, k, fmt in inputs if fmt != "int8")]
@@ -438,7 +449,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, for
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, LAYERS[fmts[name]].from_float(w, m.bias, group_size))
         if emb is not None:
-            table = model.lm_head if tied else LAYERS[head].from_float(emb.weight, None, group_size)
+            table = model.lm_head if tied else LAYERS[head_emb].from_float(emb.weight, None, group_size)
             model.model.embed_tokens = QuantizedEmbedding(table, emb.padding_idx, tied=tied)
     model.quantization_config = quantization_summary(model)
     return model.requires_grad_(False).eval()  # frozen: adapters (LoRA) bring their own parameters
@@ -478,7 +489,7 @@ def layer_from_state(prefix: str, tensors: dict, dtype, device) -> QuantizedLine
         qtype = int(tensors.pop(f"{prefix}.ggml_type").reshape(-1)[0])
         if qtype not in kernels.NAMES:
             raise ValueError(f"ggml_type {qtype} is not one of {kernels.QTYPES}")
-        n, k = q.shape[0], q.shape[1] // kernels.FILE_BYTES[qtype] * 32
+        n, k = q.shape[0], q.shape[1] // kernels.FILE_BYTES[qtype] * kernels.BLOCK[qtype]
         return BlockLinear(kernels.file_blocks(q.cpu(), n, k, qtype), qtype, bias, dtype)
     if f"{prefix}.scales_and_zeros" in tensors:
         sz = take("scales_and_zeros").float()  # (G, N, 2)

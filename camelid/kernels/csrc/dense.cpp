@@ -105,28 +105,21 @@ AVX512_TARGET static void tile_avx512(const void* w, int64_t K, const float* x, 
                           _mm512_add_ps(_mm512_add_ps(p[0][r], p[1][r]), _mm512_add_ps(p[2][r], p[3][r])));
 }
 
+using Tile = void (*)(const void*, int64_t, const float*, float*, int64_t, int);
+
 template <bool BF16>
 static void dgemm_simd(const void* w, int64_t K, int64_t t0, int64_t t1, int64_t N, const float* x, int64_t M,
                        float* y, int64_t ldy, int level) {
+  static const Tile wide[] = {nullptr, tile_avx512<BF16, 1>, tile_avx512<BF16, 2>, tile_avx512<BF16, 3>,
+                              tile_avx512<BF16, 4>};
+  static const Tile narrow[] = {nullptr, tile_avx2<BF16, 1>, tile_avx2<BF16, 2>};
+  const Tile* fns = level >= ISA_AVX512 ? wide : narrow;
+  const int maxmr = level >= ISA_AVX512 ? 4 : 2;
   const int64_t esize = BF16 ? 2 : 4;
   for (int64_t t = t0; t < t1; ++t) {
     const void* wt = static_cast<const char*>(w) + t * K * TILE * esize;
     const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
-    float* yt = y + TILE * t;
-    for (int64_t m = 0; m < M;) {
-      const int64_t left = M - m;
-      const float* xm = x + m * K;
-      float* ym = yt + m * ldy;
-      if (level >= ISA_AVX512) {
-        if (left >= 4) { tile_avx512<BF16, 4>(wt, K, xm, ym, ldy, nvalid); m += 4; }
-        else if (left == 3) { tile_avx512<BF16, 3>(wt, K, xm, ym, ldy, nvalid); m += 3; }
-        else if (left == 2) { tile_avx512<BF16, 2>(wt, K, xm, ym, ldy, nvalid); m += 2; }
-        else { tile_avx512<BF16, 1>(wt, K, xm, ym, ldy, nvalid); m += 1; }
-      } else {
-        if (left >= 2) { tile_avx2<BF16, 2>(wt, K, xm, ym, ldy, nvalid); m += 2; }
-        else { tile_avx2<BF16, 1>(wt, K, xm, ym, ldy, nvalid); m += 1; }
-      }
-    }
+    for_row_steps(M, maxmr, [&](int64_t m, int mr) { fns[mr](wt, K, x + m * K, y + m * ldy + TILE * t, ldy, nvalid); });
   }
 }
 

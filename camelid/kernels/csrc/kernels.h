@@ -19,7 +19,7 @@ int best_isa();            // the best the CPU has
 void force_isa(int level); // tests: run a lower path (clamped to what the CPU has)
 
 // GGML type ids of the block formats with kernels.
-enum QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
 // Repacked weight layout (camelid/kernels/__init__.py builds it from the file's blocks): tiles of
 // 16 output rows; tile t, block j (32 inputs) is BB bytes:
@@ -29,17 +29,34 @@ enum QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 // Q4 codes: 4 chunks of 64 B; chunk c, byte 4r+i = the file's byte 4c+i of row r (low nibble:
 // input 4c+i, high nibble: input 16+4c+i). Q8 codes: 8 chunks of 64 B; chunk g, byte 4r+i =
 // int8 weight of row r, input 4g+i.
+// Q4_K / Q6_K tiles hold one super-block of 256 inputs: camelid/kernels/kquants.py has their layout.
 constexpr int TILE = 16;
-int block_bytes(int qtype);
+int block_bytes(int qtype);   // bytes of a tile block (16 rows x block_inputs), 0: no kernel
+int block_inputs(int qtype);  // 32, or 256 for the K-quants
 float f16_to_f32(uint16_t h);  // exact, on any CPU
 
 // Activations quantized per block of 32 (ggml's Q8 form): q int8 [K], d float [K/32] (amax/127),
 // s int32 [K/32] (sum of the block's codes). A block holding NaN or Inf gets d = NaN.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* s, int level);
 
-// y[m, n] (ldy floats per row) for rows m of the quantized activations, tiles [t0, t1).
+// y[m, n] (ldy floats per row) for rows m of the quantized activations, tiles [t0, t1);
+// J tile blocks per row (K / block_inputs). The K-quants go to kgemm_tiles (kquant.cpp).
 void qgemm_tiles(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N,
                  const int8_t* q, const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level);
+
+void kgemm_tiles(int qtype, const uint8_t* w, int64_t S, int64_t t0, int64_t t1, int64_t N, const int8_t* q,
+                 const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level);
+float kquant_value(int qtype, const uint8_t* superblock_tile, int r, int k);  // weight (r, k) of a K-quant tile block
+
+// Rows [0, M) in steps of the widest row kernel that fits: step(m, mr) with mr <= maxmr.
+template <class Step>
+inline void for_row_steps(int64_t M, int maxmr, Step&& step) {
+  for (int64_t m = 0; m < M;) {
+    const int mr = int(M - m < maxmr ? M - m : maxmr);
+    step(m, mr);
+    m += mr;
+  }
+}
 
 // Float weights, tiles of 16 rows: element [t][k][r] = W[16t + r][k], f32 or bf16 (uint16).
 // Per output the sum runs in 4 interleaved partial sums (k mod 4), combined (p0 + p1) + (p2 + p3).

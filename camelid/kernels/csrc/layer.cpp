@@ -37,8 +37,9 @@ static void check_weight(const at::Tensor& w, int64_t kind, int64_t n, int64_t K
                 "camelid::decode_layer: ", what, " must be tiled [", T, ", ", K, ", 16], got ", w.sizes());
   } else {
     TORCH_CHECK(block_bytes(int(kind)) > 0 && w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous() &&
-                    w.size(0) == T && w.size(1) * 32 == K && w.size(2) == block_bytes(int(kind)),
-                "camelid::decode_layer: ", what, " must be GGML type ", kind, " tiles [", T, ", ", K / 32, ", ",
+                    w.size(0) == T && w.size(1) * block_inputs(int(kind)) == K && w.size(2) == block_bytes(int(kind)),
+                "camelid::decode_layer: ", what, " must be GGML type ", kind, " tiles [", T, ", ",
+                K / block_inputs(int(kind)), ", ",
                 block_bytes(int(kind)), "], got ", w.sizes());
   }
 }
@@ -203,7 +204,7 @@ static void product_part(const at::Tensor& w, int64_t kind, int64_t n, const flo
   if (kind == F32_TILES || kind == BF16_TILES)
     dgemm_tiles(kind == BF16_TILES, w.data_ptr(), K, t0, t1, n, x, M, y, n, level);
   else
-    qgemm_tiles(int(kind), w.data_ptr<uint8_t>(), K / 32, t0, t1, n, q, d, s, M, y, n, level);
+    qgemm_tiles(int(kind), w.data_ptr<uint8_t>(), K / block_inputs(int(kind)), t0, t1, n, q, d, s, M, y, n, level);
 }
 
 static bool is_block(int64_t kind) { return kind != F32_TILES && kind != BF16_TILES; }

@@ -79,9 +79,9 @@ static at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t
   TORCH_CHECK(BB > 0, "camelid::quant_linear: no kernel for GGML type ", qtype);
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous() &&
                   w.size(2) == BB && n > 0 && (n + TILE - 1) / TILE == w.size(0),
-              "camelid::quant_linear: weight must be contiguous uint8 [ceil(n/16), K/32, ", BB, "] for n = ", n,
-              ", got ", w.sizes());
-  const int64_t J = w.size(1), K = 32 * J, T = w.size(0);
+              "camelid::quant_linear: weight must be contiguous uint8 [ceil(n/16), K/", block_inputs(int(qtype)),
+              ", ", BB, "] for n = ", n, ", got ", w.sizes());
+  const int64_t J = w.size(1), K = block_inputs(int(qtype)) * J, T = w.size(0);
   check_x(x, K, "camelid::quant_linear");
   const int64_t M = x.size(0);
   auto y = at::empty({M, n}, x.options());
@@ -129,7 +129,7 @@ static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tenso
               "camelid::quant_rows: weight must be contiguous uint8 tiles of GGML type ", qtype);
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "camelid::quant_rows: ids must be int64 [n]");
   auto idc = ids.contiguous();
-  const int64_t J = w.size(1), K = 32 * J, L = idc.numel(), hdr = qtype == Q4_1 ? 64 : 32;
+  const int64_t J = w.size(1), K = block_inputs(int(qtype)) * J, L = idc.numel(), hdr = qtype == Q4_1 ? 64 : 32;
   const int64_t* ip = idc.data_ptr<int64_t>();
   for (int64_t i = 0; i < L; ++i)
     TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "camelid::quant_rows: row ", ip[i], " outside [0, ", n, ")");
@@ -138,6 +138,10 @@ static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tenso
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < L; ++i) {
     const int64_t t = ip[i] / TILE, r = ip[i] % TILE;
+    if (qtype == Q4_K || qtype == Q6_K) {
+      for (int64_t k = 0; k < K; ++k) op[i * K + k] = kquant_value(int(qtype), wp + (t * J + k / 256) * BB, int(r), int(k % 256));
+      continue;
+    }
     for (int64_t j = 0; j < J; ++j) {
       const uint8_t* b = wp + (t * J + j) * BB;
       uint16_t dh, mh = 0;

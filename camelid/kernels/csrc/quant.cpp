@@ -22,9 +22,13 @@ int block_bytes(int qtype) {
     case Q4_0: return 32 + 256;
     case Q4_1: return 64 + 256;
     case Q8_0: return 32 + 512;
+    case Q4_K: return 2368;
+    case Q6_K: return 3360;
   }
   return 0;
 }
+
+int block_inputs(int qtype) { return qtype == Q4_K || qtype == Q6_K ? 256 : 32; }
 
 float f16_to_f32(uint16_t h) {  // exact, any CPU
   uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -291,36 +295,29 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, in
   quantize_rows_scalar(x, M, K, q, d, s);
 }
 
+using Tile = void (*)(const uint8_t*, int64_t, const int8_t*, const float*, const int32_t*, int64_t, float*, int64_t,
+                     int);
+
 template <int QT>
 static void qgemm_simd(const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N, const int8_t* q,
                        const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level) {
   constexpr int BB = QT == Q4_0 ? 288 : QT == Q4_1 ? 320 : 544;
+  static const Tile wide[] = {nullptr, tile_avx512<QT, 1>, tile_avx512<QT, 2>, tile_avx512<QT, 3>, tile_avx512<QT, 4>};
+  static const Tile narrow[] = {nullptr, tile_avx2<QT, 1>, tile_avx2<QT, 2>};
+  const Tile* fns = level >= ISA_AVX512 ? wide : narrow;
+  const int maxmr = level >= ISA_AVX512 ? 4 : 2;
   const int64_t K = 32 * J;
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wt = w + t * J * BB;
     const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
-    float* yt = y + TILE * t;
-    for (int64_t m = 0; m < M;) {
-      const int64_t left = M - m;
-      const int8_t* qm = q + m * K;
-      const float* dm = d + m * J;
-      const int32_t* sm = s + m * J;
-      float* ym = yt + m * ldy;
-      if (level >= ISA_AVX512) {
-        if (left >= 4) { tile_avx512<QT, 4>(wt, J, qm, dm, sm, K, ym, ldy, nvalid); m += 4; }
-        else if (left == 3) { tile_avx512<QT, 3>(wt, J, qm, dm, sm, K, ym, ldy, nvalid); m += 3; }
-        else if (left == 2) { tile_avx512<QT, 2>(wt, J, qm, dm, sm, K, ym, ldy, nvalid); m += 2; }
-        else { tile_avx512<QT, 1>(wt, J, qm, dm, sm, K, ym, ldy, nvalid); m += 1; }
-      } else {
-        if (left >= 2) { tile_avx2<QT, 2>(wt, J, qm, dm, sm, K, ym, ldy, nvalid); m += 2; }
-        else { tile_avx2<QT, 1>(wt, J, qm, dm, sm, K, ym, ldy, nvalid); m += 1; }
-      }
-    }
+    for_row_steps(M, maxmr, [&](int64_t m, int mr) {
+      fns[mr](w + t * J * BB, J, q + m * K, d + m * J, s + m * J, K, y + m * ldy + TILE * t, ldy, nvalid);
+    });
   }
 }
 
 void qgemm_tiles(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N, const int8_t* q,
                  const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level) {
+  if (qtype == Q4_K || qtype == Q6_K) return kgemm_tiles(qtype, w, J, t0, t1, N, q, d, s, M, y, ldy, level);
   if (level == ISA_SCALAR) return qgemm_scalar(qtype, w, J, t0, t1, N, q, d, s, M, y, ldy);
   switch (qtype) {
     case Q4_0: return qgemm_simd<Q4_0>(w, J, t0, t1, N, q, d, s, M, y, ldy, level);
