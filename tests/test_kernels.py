@@ -422,3 +422,35 @@ def test_default_model_batch_of_16_is_bit_identical_to_each_prompt_alone(smollm2
     alone = torch.cat([greedy([p]) for p in prompts])
     for B in (2, 5, 16):
         assert torch.equal(greedy(prompts[:B]), alone[:B]), B
+
+
+def test_the_decode_profile_splits_the_fused_step_and_accounts_for_the_wall_time(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.evaluate.profile import format_table, profile_decode
+
+    model = LlamaForCausalLM.from_pretrained(tiny_gguf(tmp_path / "m.gguf", {}))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    prof = profile_decode(model, ids, steps=8)
+    p = dict(prof.rows)
+    fused = [v for k, v in p.items() if "fused op" in k]
+    assert p["matrix products (layers, in the fused op)"] > 0 and all(v >= 0 for v in p.values())
+    assert p["matrix products (torch ops: lm_head, unfused layers)"] > 0  # the lm_head
+    assert abs(sum(ms for _, ms in prof.rows) - prof.step_ms) <= 0.05 * prof.step_ms + 0.05
+    model.model.fused_decode = None  # the PyTorch layers: no stage clocks, the products are torch ops
+    q = dict(profile_decode(model, ids, steps=8).rows)
+    assert all(q[k] == 0 for k in p if "in the fused op" in k or "(fused op)" in k)
+    assert "Python" in format_table(prof) and sum(fused) > 0
+
+
+def test_the_stage_clocks_count_each_fused_call_once(tmp_path):
+    from camelid import LlamaForCausalLM
+    from camelid.generation.generate import generate_tokens
+
+    model = LlamaForCausalLM.from_pretrained(tiny_gguf(tmp_path / "m.gguf", {}))
+    it = generate_tokens(model, torch.tensor([[3, 1, 4]]), max_new_tokens=6, min_new_tokens=6)
+    next(it)  # the prefill: PyTorch layers
+    torch.ops.camelid.layer_profile(True)
+    steps = sum(1 for _ in it)
+    mm, att, other, calls = torch.ops.camelid.layer_profile(False)
+    assert calls == steps == 5 and mm > 0 and att > 0 and other > 0
+    assert torch.ops.camelid.layer_profile(False)[3] == calls  # off: nothing more counted

@@ -1,4 +1,5 @@
-"""camelid bench [--model M]: time to first token, prefill and decode tok/s (batch 1 and 8), peak RSS."""
+"""camelid bench [--model M] [--profile]: time to first token, prefill and decode tok/s (batch 1 and
+8), peak RSS; --profile adds where a decode step's time goes (products, attention, other ops, Python)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
     p.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (not batch-invariant on CPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print a decode step's time by kind: matrix products, attention, other ops, Python")
     quantization_args(p)
 
 
@@ -44,4 +47,10 @@ def main(args) -> int:
     print(figures.row("camelid"))
     print(f"decode b1 weight-read bandwidth {wb * figures.decode1 / 1e9:.1f} GB/s; "
           f"b8/b1 throughput {figures.decode8 / figures.decode1:.2f}x")
+    if args.profile:
+        from camelid.evaluate.benchmark import prompts
+        from camelid.evaluate.profile import format_table, profile_decode
+
+        print()
+        print(format_table(profile_decode(model, prompts(model.config.vocab_size)[0], steps=args.new)))
     return 0

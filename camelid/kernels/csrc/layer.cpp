@@ -21,11 +21,43 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace camelid {
+
+// `camelid bench --profile`: wall time of the step's stages, as thread 0 sees them between the
+// team's barriers (a stage lasts until its slowest thread is done). Off: one relaxed load a stage.
+enum Stage { ST_MATMUL = 0, ST_ATTENTION = 1, ST_OTHER = 2, ST_COUNT = 3 };
+static std::atomic<bool> profiling{false};
+static double stage_ns[ST_COUNT] = {0, 0, 0};
+static double profiled_calls = 0;
+
+struct StageClock {  // used by thread 0 only
+  bool on = profiling.load(std::memory_order_relaxed);
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  void lap(Stage s) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    stage_ns[s] += std::chrono::duration<double, std::nano>(now - last).count();
+    last = now;
+  }
+};
+
+// on: start counting from zero; off: stop. Returns [matmul, attention, other] ns and the calls so far.
+static std::vector<double> layer_profile(bool on) {
+  std::vector<double> out(stage_ns, stage_ns + ST_COUNT);
+  out.push_back(profiled_calls);
+  if (on) {
+    std::fill(stage_ns, stage_ns + ST_COUNT, 0.0);
+    profiled_calls = 0;
+  }
+  profiling.store(on);
+  return out;
+}
 
 constexpr int F32_TILES = 0, BF16_TILES = 30;  // weight kinds besides the GGML block types
 
@@ -285,15 +317,20 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
     std::vector<float> sc(last + 1);
+    StageClock clock;
+    clock.on = clock.on && tid == 0;
+    if (clock.on) profiled_calls += 1;
     const int64_t r0 = R * tid / team, r1 = R * (tid + 1) / team;  // this thread's rows for row-wise work
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
       for (int64_t i = r0; i < r1; ++i) rmsnorm(x + i * C, ly.ln1, fe, C, h.data() + i * C);
       prep(h.data(), C, ly.kind[0], r0, r1);
 #pragma omp barrier
+      clock.lap(ST_OTHER);
       product_part(*ly.w[0], ly.kind[0], nqkv, h.data(), q.data(), qd.data(), qs.data(), R, C, qkv.data(), tid,
                    team, level);
 #pragma omp barrier
+      clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i) {  // every row's k, v into the cache before any row attends
         const int64_t b = i / T, slot = sl[i % T];
         float* r = qkv.data() + i * nqkv;
@@ -304,6 +341,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
         }
       }
 #pragma omp barrier
+      clock.lap(ST_OTHER);
       for (int64_t ih = R * H * tid / team; ih < R * H * (tid + 1) / team; ++ih) {
         // query row i = (b, t) sees keys [key_start[b], slot[t]]
         const int64_t i = ih / H, hd = ih % H, b = i / T, slot = sl[i % T], kv = hd / G, k0 = ks[b];
@@ -316,30 +354,38 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
                     k0, slot, D, fs, sc.data(), y);
       }
 #pragma omp barrier
+      clock.lap(ST_ATTENTION);
       prep(att.data(), H * D, ly.kind[1], r0, r1);
 #pragma omp barrier
+      clock.lap(ST_OTHER);
       product_part(*ly.w[1], ly.kind[1], C, att.data(), q.data(), qd.data(), qs.data(), R, H * D, o.data(), tid,
                    team, level);
 #pragma omp barrier
+      clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i) {
         for (int64_t c = 0; c < C; ++c) x[i * C + c] = x[i * C + c] + o[i * C + c];
         rmsnorm(x + i * C, ly.ln2, fe, C, h.data() + i * C);
       }
       prep(h.data(), C, ly.kind[2], r0, r1);
 #pragma omp barrier
+      clock.lap(ST_OTHER);
       product_part(*ly.w[2], ly.kind[2], 2 * inter, h.data(), q.data(), qd.data(), qs.data(), R, C, gu.data(), tid,
                    team, level);
 #pragma omp barrier
+      clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i)
         silu_mul(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, h.data() + i * inter);
       prep(h.data(), inter, ly.kind[3], r0, r1);
 #pragma omp barrier
+      clock.lap(ST_OTHER);
       product_part(*ly.w[3], ly.kind[3], C, h.data(), q.data(), qd.data(), qs.data(), R, inter, o.data(), tid,
                    team, level);
 #pragma omp barrier
+      clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t c = 0; c < C; ++c) x[i * C + c] = x[i * C + c] + o[i * C + c];
 #pragma omp barrier
+      clock.lap(ST_OTHER);
     }
   }
   return out;
@@ -354,3 +400,5 @@ TORCH_LIBRARY_FRAGMENT(camelid, m) {
 }
 
 TORCH_LIBRARY_IMPL(camelid, CPU, m) { m.impl("decode_layers", &camelid::decode_layers); }
+
+TORCH_LIBRARY_FRAGMENT(camelid, m) { m.def("layer_profile(bool on) -> float[]", &camelid::layer_profile); }
