@@ -22,8 +22,8 @@ import camelid.kernels as K
 pytestmark = pytest.mark.skipif(not K.available(), reason="camelid's kernels are not built on this machine")
 
 EPS = 2.0 ** -23
-FORMATS = {"q4_0": (K.Q4_0, Q.Q4_0), "q4_1": (K.Q4_1, Q.Q4_1), "q8_0": (K.Q8_0, Q.Q8_0),
-           "q4_k": (K.Q4_K, Q.Q4_K), "q6_k": (K.Q6_K, Q.Q6_K)}
+FORMATS = {"q4_0": (K.Q4_0, Q.Q4_0), "q4_1": (K.Q4_1, Q.Q4_1), "q5_0": (K.Q5_0, Q.Q5_0),
+           "q5_1": (K.Q5_1, Q.Q5_1), "q8_0": (K.Q8_0, Q.Q8_0), "q4_k": (K.Q4_K, Q.Q4_K), "q6_k": (K.Q6_K, Q.Q6_K)}
 
 
 def kin(fmt: str, k: int) -> int:
@@ -185,8 +185,8 @@ def test_bad_calls_raise_instead_of_reading_out_of_bounds():
         K.quant_linear(torch.randn(1, 96), packed, K.Q8_0, 16)
     with pytest.raises(RuntimeError, match="weight must be"):
         K.quant_linear(torch.randn(1, 64), packed, K.Q4_0, 16)
-    with pytest.raises(RuntimeError, match="no kernel for GGML type 6"):
-        K.quant_linear(torch.randn(1, 64), packed, 6, 16)
+    with pytest.raises(RuntimeError, match="no kernel for GGML type 13"):  # Q5_K
+        K.quant_linear(torch.randn(1, 64), packed, 13, 16)
     with pytest.raises(RuntimeError, match="float32"):
         K.quant_linear(torch.randn(1, 64, dtype=torch.float64), packed, K.Q8_0, 16)
     with pytest.raises(RuntimeError, match="row 16 outside"):  # an embedding id past the table
@@ -243,6 +243,10 @@ def tiny_gguf(path, types: dict[str, Q], corrupt: str | None = None, I: int = 12
         weights = 0.2 * torch.randn(shape, generator=g)
         if qtype in (Q.Q4_K, Q.Q6_K):  # camelid's quantizer: gguf-py has none
             raw = K.kquants.quantize(weights, qtype.value).reshape(shape[0], -1).numpy()
+        elif qtype == Q.Q5_K:  # no quantizer anywhere here: random codes under small f16 scales
+            raw = torch.randint(0, 256, (shape[0], shape[1] // 256, 176), generator=g, dtype=torch.uint8)
+            raw[..., 0:4] = torch.tensor([0.002, 0.001]).half().view(torch.uint8)
+            raw = raw.reshape(shape[0], -1).numpy()
         else:
             raw = gguf_quantize(weights.numpy(), qtype)
         if name == corrupt:
@@ -306,12 +310,12 @@ def test_a_nan_k_quant_scale_is_reported_with_the_tensor_name(tmp_path):
 def test_a_type_with_no_kernel_is_dequantized_with_a_one_line_note(tmp_path):
     from camelid import LlamaForCausalLM
 
-    path = tiny_gguf(tmp_path / "m.gguf", {"blk.0.ffn_down.weight": Q.Q5_0, "blk.1.ffn_down.weight": Q.Q5_0})
+    path = tiny_gguf(tmp_path / "m.gguf", {"blk.0.ffn_down.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q5_K}, I=256)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = LlamaForCausalLM.from_pretrained(path)
     notes = [str(w.message) for w in caught if "no kernel" in str(w.message)]
-    assert len(notes) == 1 and "Q5_0 (blk.0.ffn_down.weight and 1 more)" in notes[0] and "\n" not in notes[0]
+    assert len(notes) == 1 and "Q5_K (blk.0.ffn_down.weight and 1 more)" in notes[0] and "\n" not in notes[0]
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
@@ -454,3 +458,31 @@ def test_the_stage_clocks_count_each_fused_call_once(tmp_path):
     mm, att, other, calls = torch.ops.camelid.layer_profile(False)
     assert calls == steps == 5 and mm > 0 and att > 0 and other > 0
     assert torch.ops.camelid.layer_profile(False)[3] == calls  # off: nothing more counted
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q5_0", "q5_1", "q4_k", "q6_k"])
+def test_every_block_type_saves_loads_as_it_is_and_saves_back_byte_for_byte(tmp_path, dtype):
+    """save_gguf from floats -> from_pretrained keeps the blocks -> save_gguf(dtype='auto') writes
+    the same bytes (an untied embedding table included)."""
+    from camelid import LlamaForCausalLM
+    from camelid.core.config import LlamaConfig
+    from camelid.core.model import LlamaForCausalLM as Core
+    from camelid.formats.gguf_file import GGUFFile
+    from camelid.formats.gguf_write import save_gguf
+
+    torch.manual_seed(0)
+    model = Core(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    src = GGUFFile(save_gguf(model, tmp_path / "a.gguf", dtype=dtype))
+    loaded = LlamaForCausalLM.from_pretrained(src.path)
+    want = {t.type.name.lower() for t in src.tensors.values()} - {"f32", "f16"}
+    assert {m.format for m in loaded.modules() if hasattr(m, "qtype")} == want
+    back = GGUFFile(save_gguf(loaded, tmp_path / "b.gguf", dtype="auto"))
+    for name, t in src.tensors.items():
+        if t.type.name not in ("F32", "F16"):
+            assert back.tensors[name].type == t.type and np.array_equal(np.asarray(back.tensors[name].data),
+                                                                         np.asarray(t.data)), name
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        a, b = loaded(ids).logits, model(ids).logits
+    assert (a - b).abs().max() < 0.2 * b.abs().max()  # 4- to 8-bit weights and int8 activations

@@ -26,7 +26,8 @@ from camelid.formats.gguf import gguf_name, permute_for_gguf
 # dtype -> (general.file_type as llama.cpp numbers it, ggml type of the 2-D weights)
 FILE_TYPES = {"f32": (0, GGMLQuantizationType.F32), "f16": (1, GGMLQuantizationType.F16),
               "q8_0": (7, GGMLQuantizationType.Q8_0), "q4_0": (2, GGMLQuantizationType.Q4_0),
-              "q4_1": (3, GGMLQuantizationType.Q4_1), "q4_k": (15, GGMLQuantizationType.Q4_K),
+              "q4_1": (3, GGMLQuantizationType.Q4_1), "q5_0": (8, GGMLQuantizationType.Q5_0),
+              "q5_1": (9, GGMLQuantizationType.Q5_1), "q4_k": (15, GGMLQuantizationType.Q4_K),
               "q6_k": (18, GGMLQuantizationType.Q6_K)}
 # K-quants need rows a multiple of 256 long; the other 2-D weights take these (as camelid's quantize)
 K_FALLBACK = {GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q4_1,
@@ -209,7 +210,8 @@ def _raw_blocks(state: dict) -> dict:
     for key in [k for k in state if k.endswith(".ggml_type")]:
         prefix = key.removesuffix(".ggml_type")
         qtype = GGMLQuantizationType(int(state.pop(key).reshape(-1)[0]))
-        out[prefix + ".weight"] = (qtype, state.pop(prefix + ".qweight"))
+        name = "model.embed_tokens" if prefix == "model.embed_tokens.table" else prefix  # an untied table
+        out[name + ".weight"] = (qtype, state.pop(prefix + ".qweight"))
     return out
 
 

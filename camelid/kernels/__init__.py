@@ -41,13 +41,15 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quan
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-Wno-maybe-uninitialized"]
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: at run time the copy torch has loaded already
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512"}
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14  # GGML type ids
-QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0, "q4_k": Q4_K, "q6_k": Q6_K}
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14  # GGML type ids
+QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q8_0": Q8_0, "q4_k": Q4_K, "q6_k": Q6_K}
 NAMES = {v: k for k, v in QTYPES.items()}
-BLOCK = {Q4_0: 32, Q4_1: 32, Q8_0: 32, Q4_K: 256, Q6_K: 256}  # weights per file block
-FILE_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144, Q6_K: 210}  # one block in the file
-TILE_BYTES = {Q4_0: 288, Q4_1: 320, Q8_0: 544, Q4_K: 2368, Q6_K: 3360}  # 16 rows x one block in the kernels' tiles
-HEADER = {Q4_0: 2, Q4_1: 4, Q8_0: 2}  # bytes of scales before the codes in a 32-weight file block
+BLOCK = {Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q8_0: 32, Q4_K: 256, Q6_K: 256}  # weights per file block
+FILE_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q6_K: 210}  # one block in the file
+# 16 rows x one block in the kernels' tiles
+TILE_BYTES = {Q4_0: 288, Q4_1: 320, Q5_0: 352, Q5_1: 384, Q8_0: 544, Q4_K: 2368, Q6_K: 3360}
+HEADER = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2}  # bytes of scales (f16 d, m) opening a 32-weight file block
+FIVE = (Q5_0, Q5_1)  # a 4-byte plane of fifth bits follows the scales
 TILE = 16
 
 _state: dict = {}
@@ -191,10 +193,16 @@ def repack(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     T, h = -(-N // TILE), HEADER[qtype]
     r = torch.nn.functional.pad(raw, (0, 0, 0, 0, 0, T * TILE - N)).view(T, TILE, J, bs).permute(0, 2, 1, 3)
     parts = [r[..., 0:2].reshape(T, J, 2 * TILE)]  # d of the 16 rows
-    if qtype == Q4_1:
+    if h == 4:
         parts.append(r[..., 2:4].reshape(T, J, 2 * TILE))  # m
-    chunks = (bs - h) // 4  # 4 (Q4: 16 bytes) or 8 (Q8: 32 bytes)
-    parts.append(r[..., h:].reshape(T, J, TILE, chunks, 4).transpose(2, 3).reshape(T, J, TILE * (bs - h)))
+    five = qtype in FIVE
+    codes = r[..., h + 4 * five:]  # [T, J, 16, 16 or 32]
+    chunks = codes.shape[-1] // 4  # 4 (Q4, Q5: 16 bytes) or 8 (Q8: 32 bytes)
+    parts.append(codes.reshape(T, J, TILE, chunks, 4).transpose(2, 3).reshape(T, J, TILE * codes.shape[-1]))
+    if five:  # bit j of the file's 32-bit qh is input j's; plane byte 4r+i, bit g: input 4g+i
+        bits = ((r[..., h:h + 4, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(T, J, TILE, 8, 4)
+        plane = (bits << torch.arange(8, dtype=torch.uint8).view(8, 1)).sum(-2, dtype=torch.uint8)
+        parts.append(plane.reshape(T, J, 4 * TILE))
     return torch.cat(parts, -1).contiguous()
 
 
@@ -203,12 +211,17 @@ def unrepack(packed: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
     if qtype in kquants.TILE_BYTES:
         return kquants.unrepack(packed, qtype, n)
     T, J, _ = packed.shape
-    bs, h = FILE_BYTES[qtype], HEADER[qtype]
+    bs, h, five = FILE_BYTES[qtype], HEADER[qtype], qtype in FIVE
     cols = [packed[..., 0:32].reshape(T, J, TILE, 2)]
-    if qtype == Q4_1:
+    if h == 4:
         cols.append(packed[..., 32:64].reshape(T, J, TILE, 2))
-    chunks = (bs - h) // 4
-    codes = packed[..., 32 * (h // 2):].reshape(T, J, chunks, TILE, 4).transpose(2, 3).reshape(T, J, TILE, bs - h)
+    nc = bs - h - 4 * five  # code bytes per row
+    codes = packed[..., 16 * h:16 * h + TILE * nc]
+    codes = codes.reshape(T, J, nc // 4, TILE, 4).transpose(2, 3).reshape(T, J, TILE, nc)
+    if five:
+        plane = packed[..., 16 * h + TILE * nc:].reshape(T, J, TILE, 1, 4)
+        bits = ((plane >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1).reshape(T, J, TILE, 4, 8)
+        cols.append((bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8))  # qh bytes
     blocks = torch.cat(cols + [codes], -1).permute(0, 2, 1, 3).reshape(T * TILE, J, bs)
     return blocks[:n].contiguous()
 
@@ -221,10 +234,14 @@ def dequantize(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [N, J, 1]
     if qtype == Q8_0:
         return (d * raw[..., 2:].contiguous().view(torch.int8).float()).reshape(N, -1)
-    qs = raw[..., HEADER[qtype]:]
-    q = torch.cat([qs & 15, qs >> 4], -1).float()  # [N, J, 32]: byte i holds inputs i and 16 + i
-    if qtype == Q4_0:
-        return (d * (q - 8)).reshape(N, -1)
+    h, five = HEADER[qtype], qtype in FIVE
+    qs = raw[..., h + 4 * five:]
+    q = torch.cat([qs & 15, qs >> 4], -1)  # [N, J, 32]: byte i holds inputs i and 16 + i
+    if five:  # bit j of qh (little-endian) is input j's fifth bit
+        q = q | ((raw[..., h:h + 4, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(N, J, 32) << 4
+    q = q.float()
+    if h == 2:
+        return (d * (q - (16 if five else 8))).reshape(N, -1)
     m = raw[..., 2:4].contiguous().view(torch.float16).float()
     return (d * q + m).reshape(N, -1)
 

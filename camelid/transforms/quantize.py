@@ -37,7 +37,8 @@ import camelid.kernels as kernels
 
 BF16 = torch.bfloat16
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept (and the NF4 block sizes allowed)
-FORMATS = {"int8": 8, "int4": 4, "nf4": 4, "q4_0": 4, "q4_1": 4, "q8_0": 8, "q4_k": 4, "q6_k": 6}  # q*: GGUF blocks
+FORMATS = {"int8": 8, "int4": 4, "nf4": 4, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "q4_k": 4,
+           "q6_k": 6}  # q*: GGUF blocks
 # K-quants need rows a multiple of 256 long; other layers take these (llama.cpp: Q5_0 and Q8_0)
 K_FALLBACK = {"q4_k": "q4_1", "q6_k": "q8_0"}
 # NormalFloat4 (Dettmers et al. 2023, as bitsandbytes): quantiles of N(0, 1) scaled to [-1, 1].
@@ -407,7 +408,7 @@ def _check_args(bits, group_size, format, lm_head_bits):
     if format in kernels.QTYPES:  # GGUF blocks: 32 weights each, an 8-bit head is Q8_0
         if group_size not in (None, 32):
             raise ValueError(f"{format} blocks hold 32 weights; group_size {group_size!r} does not apply")
-        return format, 32, "q8_0" if lm_head_bits == 8 else ("q4_0" if format in ("q8_0", "q6_k") else format)
+        return format, 32, "q8_0" if lm_head_bits == 8 else ("q4_0" if FORMATS[format] > 4 else format)
     if format == "int8" and group_size is not None:
         raise ValueError("int8 has one scale per output channel; group_size applies to int4 and nf4")
     group_size = group_size or {"int8": 32, "int4": 32, "nf4": 64}[format]

@@ -19,16 +19,18 @@ int best_isa();            // the best the CPU has
 void force_isa(int level); // tests: run a lower path (clamped to what the CPU has)
 
 // GGML type ids of the block formats with kernels.
-enum QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum QType : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
 // Repacked weight layout (camelid/kernels/__init__.py builds it from the file's blocks): tiles of
 // 16 output rows; tile t, block j (32 inputs) is BB bytes:
 //   Q4_0  d[16] f16 | codes 256 B                BB = 288
 //   Q4_1  d[16] f16 | m[16] f16 | codes 256 B    BB = 320
 //   Q8_0  d[16] f16 | codes 512 B                BB = 544
+//   Q5_0  d[16] f16 | codes 256 B | fifth bits 64 B         BB = 352
+//   Q5_1  d[16] f16 | m[16] f16 | codes 256 B | fifth bits  BB = 384
 // Q4 codes: 4 chunks of 64 B; chunk c, byte 4r+i = the file's byte 4c+i of row r (low nibble:
 // input 4c+i, high nibble: input 16+4c+i). Q8 codes: 8 chunks of 64 B; chunk g, byte 4r+i =
-// int8 weight of row r, input 4g+i.
+// int8 weight of row r, input 4g+i. Q5 fifth bits: byte 4r+i, bit g = input 4g+i of row r.
 // Q4_K / Q6_K tiles hold one super-block of 256 inputs: camelid/kernels/kquants.py has their layout.
 constexpr int TILE = 16;
 int block_bytes(int qtype);   // bytes of a tile block (16 rows x block_inputs), 0: no kernel
@@ -47,6 +49,7 @@ void qgemm_tiles(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1,
 void kgemm_tiles(int qtype, const uint8_t* w, int64_t S, int64_t t0, int64_t t1, int64_t N, const int8_t* q,
                  const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level);
 float kquant_value(int qtype, const uint8_t* superblock_tile, int r, int k);  // weight (r, k) of a K-quant tile block
+float weight_value(int qtype, const uint8_t* tile_block, int r, int k);       // weight (r, k) of any tile block
 
 // Rows [0, M) in steps of the widest row kernel that fits: step(m, mr) with mr <= maxmr.
 template <class Step>

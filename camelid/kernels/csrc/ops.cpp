@@ -129,7 +129,7 @@ static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tenso
               "camelid::quant_rows: weight must be contiguous uint8 tiles of GGML type ", qtype);
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "camelid::quant_rows: ids must be int64 [n]");
   auto idc = ids.contiguous();
-  const int64_t J = w.size(1), K = block_inputs(int(qtype)) * J, L = idc.numel(), hdr = qtype == Q4_1 ? 64 : 32;
+  const int64_t J = w.size(1), B = block_inputs(int(qtype)), K = B * J, L = idc.numel();
   const int64_t* ip = idc.data_ptr<int64_t>();
   for (int64_t i = 0; i < L; ++i)
     TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "camelid::quant_rows: row ", ip[i], " outside [0, ", n, ")");
@@ -138,28 +138,7 @@ static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tenso
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < L; ++i) {
     const int64_t t = ip[i] / TILE, r = ip[i] % TILE;
-    if (qtype == Q4_K || qtype == Q6_K) {
-      for (int64_t k = 0; k < K; ++k) op[i * K + k] = kquant_value(int(qtype), wp + (t * J + k / 256) * BB, int(r), int(k % 256));
-      continue;
-    }
-    for (int64_t j = 0; j < J; ++j) {
-      const uint8_t* b = wp + (t * J + j) * BB;
-      uint16_t dh, mh = 0;
-      std::memcpy(&dh, b + 2 * r, 2);
-      if (qtype == Q4_1) std::memcpy(&mh, b + 32 + 2 * r, 2);
-      const float d = f16_to_f32(dh), m = f16_to_f32(mh);
-      float* o = op + i * K + 32 * j;
-      for (int k = 0; k < 32; ++k) {
-        if (qtype == Q8_0) {
-          o[k] = d * float(int8_t(b[hdr + 64 * (k / 4) + 4 * r + k % 4]));
-        } else {
-          const int kk = k % 16;
-          const uint8_t byte = b[hdr + 64 * (kk / 4) + 4 * r + kk % 4];
-          const int q = k < 16 ? byte & 15 : byte >> 4;
-          o[k] = qtype == Q4_0 ? d * float(q - 8) : d * float(q) + m;
-        }
-      }
-    }
+    for (int64_t k = 0; k < K; ++k) op[i * K + k] = weight_value(int(qtype), wp + (t * J + k / B) * BB, int(r), int(k % B));
   }
   return out;
 }

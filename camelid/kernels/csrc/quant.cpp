@@ -22,6 +22,8 @@ int block_bytes(int qtype) {
     case Q4_0: return 32 + 256;
     case Q4_1: return 64 + 256;
     case Q8_0: return 32 + 512;
+    case Q5_0: return 32 + 256 + 64;
+    case Q5_1: return 64 + 256 + 64;
     case Q4_K: return 2368;
     case Q6_K: return 3360;
   }
@@ -48,8 +50,17 @@ float f16_to_f32(uint16_t h) {  // exact, any CPU
   return f;
 }
 
-// The portable path reads Q8 codes as signed (no correction); the AVX-512 path's are w + 128.
-static inline int corr_of(int qtype) { return qtype == Q4_0 ? 8 : 0; }
+// Per format: bytes of a tile block, bytes of scales before the codes, an m (offset) per row, a
+// fifth code bit (Q5: a 64-byte plane after the nibbles, byte 4r+i bit g = input 4g+i of row r),
+// and the code offset taken off the dot product (w = d (q - corr)). The portable and AVX2 paths
+// read Q8 codes as signed (no offset); the AVX-512 path's are w + 128.
+constexpr int bb_of(int qt) {
+  return qt == Q4_0 ? 288 : qt == Q4_1 ? 320 : qt == Q5_0 ? 352 : qt == Q5_1 ? 384 : 544;
+}
+constexpr int hdr_of(int qt) { return qt == Q4_1 || qt == Q5_1 ? 64 : 32; }
+constexpr bool has_min(int qt) { return qt == Q4_1 || qt == Q5_1; }
+constexpr bool five_bit(int qt) { return qt == Q5_0 || qt == Q5_1; }
+constexpr int corr_of(int qt) { return qt == Q4_0 ? 8 : qt == Q5_0 ? 16 : 0; }
 
 // ---------------------------------------------------------------------------------------- portable
 
@@ -83,12 +94,24 @@ static inline int code_of(int qtype, const uint8_t* codes, int r, int i) {
   if (qtype == Q8_0) return int8_t(codes[64 * (i / 4) + 4 * r + (i % 4)]);
   const int half = i / 16, k = i % 16;  // input k (< 16) low nibble, 16 + k high nibble
   const uint8_t b = codes[64 * (k / 4) + 4 * r + (k % 4)];
-  return half ? b >> 4 : b & 15;
+  const int low = half ? b >> 4 : b & 15;
+  if (!five_bit(qtype)) return low;
+  return low | ((codes[256 + 4 * r + i % 4] >> (i / 4)) & 1) << 4;
+}
+
+float weight_value(int qtype, const uint8_t* b, int r, int k) {
+  if (qtype == Q4_K || qtype == Q6_K) return kquant_value(qtype, b, r, k);
+  uint16_t dh, mh = 0;
+  std::memcpy(&dh, b + 2 * r, 2);
+  if (has_min(qtype)) std::memcpy(&mh, b + 32 + 2 * r, 2);
+  const float d = f16_to_f32(dh);
+  const int q = code_of(qtype, b + hdr_of(qtype), r, k);
+  return has_min(qtype) ? d * float(q) + f16_to_f32(mh) : d * float(q - corr_of(qtype));
 }
 
 static void qgemm_scalar(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N,
                          const int8_t* q, const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy) {
-  const int BB = block_bytes(qtype), hdr = qtype == Q4_1 ? 64 : 32, corr = corr_of(qtype);
+  const int BB = block_bytes(qtype), hdr = hdr_of(qtype), corr = corr_of(qtype);
   const int64_t K = 32 * J;
   for (int64_t t = t0; t < t1; ++t) {
     const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
@@ -99,14 +122,14 @@ static void qgemm_scalar(int qtype, const uint8_t* w, int64_t J, int64_t t0, int
           const uint8_t* b = w + (t * J + j) * BB;
           uint16_t dh, mh = 0;
           std::memcpy(&dh, b + 2 * r, 2);
-          if (qtype == Q4_1) std::memcpy(&mh, b + 32 + 2 * r, 2);
+          if (has_min(qtype)) std::memcpy(&mh, b + 32 + 2 * r, 2);
           const int8_t* a = q + m * K + 32 * j;
           int32_t dot = 0;
           for (int i = 0; i < 32; ++i) dot += code_of(qtype, b + hdr, r, i) * a[i];
           const float da = d[m * J + j];
           const int32_t sa = s[m * J + j];
           acc = std::fma(float(dot - corr * sa), f16_to_f32(dh) * da, acc);
-          if (qtype == Q4_1) acc = std::fma(f16_to_f32(mh), da * float(sa), acc);
+          if (has_min(qtype)) acc = std::fma(f16_to_f32(mh), da * float(sa), acc);
         }
         y[m * ldy + TILE * t + r] = acc;
       }
@@ -158,9 +181,8 @@ AVX2_TARGET static void quantize_rows_avx2(const float* x, int64_t M, int64_t K,
 template <int QT, int MR>
 AVX2_TARGET static void tile_avx2(const uint8_t* w, int64_t J, const int8_t* q, const float* d, const int32_t* s,
                                   int64_t K, float* y, int64_t ldy, int nvalid) {
-  constexpr int BB = QT == Q4_0 ? 288 : QT == Q4_1 ? 320 : 544, HDR = QT == Q4_1 ? 64 : 32;
-  constexpr int CORR = QT == Q4_0 ? 8 : QT == Q8_0 ? 128 : 0;
-  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  constexpr int BB = bb_of(QT), HDR = hdr_of(QT), CORR = corr_of(QT);
+  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), bit4 = _mm256_set1_epi8(0x10);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
@@ -168,7 +190,7 @@ AVX2_TARGET static void tile_avx2(const uint8_t* w, int64_t J, const int8_t* q, 
       const uint8_t* b = w + j * BB;
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 16 * h)));
       __m256 mw = _mm256_setzero_ps();
-      if (QT == Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 32 + 16 * h)));
+      if (has_min(QT)) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 32 + 16 * h)));
       __m256i wv[8];
       if (QT == Q8_0) {
         for (int g = 0; g < 8; ++g) wv[g] = _mm256_loadu_si256((const __m256i*)(b + HDR + 64 * g + 32 * h));
@@ -177,6 +199,17 @@ AVX2_TARGET static void tile_avx2(const uint8_t* w, int64_t J, const int8_t* q, 
           const __m256i x = _mm256_loadu_si256((const __m256i*)(b + HDR + 64 * c + 32 * h));
           wv[c] = _mm256_and_si256(x, m4);
           wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+        }
+        if (five_bit(QT)) {  // bit g of the plane is group g's fifth bit: move it to bit 4
+          const __m256i x = _mm256_loadu_si256((const __m256i*)(b + HDR + 256 + 32 * h));
+          wv[0] = _mm256_or_si256(wv[0], _mm256_and_si256(_mm256_slli_epi16(x, 4), bit4));
+          wv[1] = _mm256_or_si256(wv[1], _mm256_and_si256(_mm256_slli_epi16(x, 3), bit4));
+          wv[2] = _mm256_or_si256(wv[2], _mm256_and_si256(_mm256_slli_epi16(x, 2), bit4));
+          wv[3] = _mm256_or_si256(wv[3], _mm256_and_si256(_mm256_slli_epi16(x, 1), bit4));
+          wv[4] = _mm256_or_si256(wv[4], _mm256_and_si256(x, bit4));
+          wv[5] = _mm256_or_si256(wv[5], _mm256_and_si256(_mm256_srli_epi16(x, 1), bit4));
+          wv[6] = _mm256_or_si256(wv[6], _mm256_and_si256(_mm256_srli_epi16(x, 2), bit4));
+          wv[7] = _mm256_or_si256(wv[7], _mm256_and_si256(_mm256_srli_epi16(x, 3), bit4));
         }
       }
       for (int r = 0; r < MR; ++r) {
@@ -198,11 +231,9 @@ AVX2_TARGET static void tile_avx2(const uint8_t* w, int64_t J, const int8_t* q, 
         __m256i si = _mm256_add_epi32(acc0, acc1);
         const float da = d[r * J + j];
         const int32_t sa = s[r * J + j];
-        if (QT == Q4_0) si = _mm256_sub_epi32(si, _mm256_set1_epi32(8 * sa));
-        // Q8_0's codes are signed here: the dot is already sum w a (CORR is the AVX-512 path's)
-        (void)CORR;
+        if (CORR) si = _mm256_sub_epi32(si, _mm256_set1_epi32(CORR * sa));  // Q8_0: signed codes, none
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(dw, _mm256_set1_ps(da)), acc[r]);
-        if (QT == Q4_1) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(da * float(sa)), acc[r]);
+        if (has_min(QT)) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(da * float(sa)), acc[r]);
       }
     }
     const int lo = 8 * h, n = std::min(8, nvalid - lo);
@@ -248,16 +279,15 @@ AVX512_TARGET static void quantize_rows_avx512(const float* x, int64_t M, int64_
 template <int QT, int MR>
 AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t* q, const float* d,
                                       const int32_t* s, int64_t K, float* y, int64_t ldy, int nvalid) {
-  constexpr int BB = QT == Q4_0 ? 288 : QT == Q4_1 ? 320 : 544, HDR = QT == Q4_1 ? 64 : 32;
-  constexpr int CORR = QT == Q4_0 ? 8 : QT == Q8_0 ? 128 : 0;
-  const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
+  constexpr int BB = bb_of(QT), HDR = hdr_of(QT), CORR = QT == Q8_0 ? 128 : corr_of(QT);
+  const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80)), bit4 = _mm512_set1_epi8(0x10);
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
     const uint8_t* b = w + j * BB;
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)b));
     __m512 mw = _mm512_setzero_ps();
-    if (QT == Q4_1) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
+    if (has_min(QT)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
     __m512i wv[8];
     if (QT == Q8_0) {  // w + 128 as unsigned; the dot then carries 128 * sa, taken off below
       for (int g = 0; g < 8; ++g) wv[g] = _mm512_xor_si512(_mm512_loadu_si512(b + HDR + 64 * g), flip);
@@ -266,6 +296,17 @@ AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t*
         const __m512i x = _mm512_loadu_si512(b + HDR + 64 * c);
         wv[c] = _mm512_and_si512(x, m4);
         wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+      }
+      if (five_bit(QT)) {  // bit g of the plane is group g's fifth bit: move it to bit 4
+        const __m512i x = _mm512_loadu_si512(b + HDR + 256);
+        wv[0] = _mm512_or_si512(wv[0], _mm512_and_si512(_mm512_slli_epi16(x, 4), bit4));
+        wv[1] = _mm512_or_si512(wv[1], _mm512_and_si512(_mm512_slli_epi16(x, 3), bit4));
+        wv[2] = _mm512_or_si512(wv[2], _mm512_and_si512(_mm512_slli_epi16(x, 2), bit4));
+        wv[3] = _mm512_or_si512(wv[3], _mm512_and_si512(_mm512_slli_epi16(x, 1), bit4));
+        wv[4] = _mm512_or_si512(wv[4], _mm512_and_si512(x, bit4));
+        wv[5] = _mm512_or_si512(wv[5], _mm512_and_si512(_mm512_srli_epi16(x, 1), bit4));
+        wv[6] = _mm512_or_si512(wv[6], _mm512_and_si512(_mm512_srli_epi16(x, 2), bit4));
+        wv[7] = _mm512_or_si512(wv[7], _mm512_and_si512(_mm512_srli_epi16(x, 3), bit4));
       }
     }
     for (int r = 0; r < MR; ++r) {
@@ -280,7 +321,7 @@ AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t*
       const int32_t sa = s[r * J + j];
       if (CORR) si = _mm512_sub_epi32(si, _mm512_set1_epi32(CORR * sa));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dw, _mm512_set1_ps(da)), acc[r]);
-      if (QT == Q4_1) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * float(sa)), acc[r]);
+      if (has_min(QT)) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * float(sa)), acc[r]);
     }
   }
   const __mmask16 keep = nvalid >= 16 ? __mmask16(0xffff) : __mmask16((1u << nvalid) - 1);
@@ -301,7 +342,7 @@ using Tile = void (*)(const uint8_t*, int64_t, const int8_t*, const float*, cons
 template <int QT>
 static void qgemm_simd(const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N, const int8_t* q,
                        const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level) {
-  constexpr int BB = QT == Q4_0 ? 288 : QT == Q4_1 ? 320 : 544;
+  constexpr int BB = bb_of(QT);
   static const Tile wide[] = {nullptr, tile_avx512<QT, 1>, tile_avx512<QT, 2>, tile_avx512<QT, 3>, tile_avx512<QT, 4>};
   static const Tile narrow[] = {nullptr, tile_avx2<QT, 1>, tile_avx2<QT, 2>};
   const Tile* fns = level >= ISA_AVX512 ? wide : narrow;
@@ -323,6 +364,8 @@ void qgemm_tiles(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1,
     case Q4_0: return qgemm_simd<Q4_0>(w, J, t0, t1, N, q, d, s, M, y, ldy, level);
     case Q4_1: return qgemm_simd<Q4_1>(w, J, t0, t1, N, q, d, s, M, y, ldy, level);
     case Q8_0: return qgemm_simd<Q8_0>(w, J, t0, t1, N, q, d, s, M, y, ldy, level);
+    case Q5_0: return qgemm_simd<Q5_0>(w, J, t0, t1, N, q, d, s, M, y, ldy, level);
+    case Q5_1: return qgemm_simd<Q5_1>(w, J, t0, t1, N, q, d, s, M, y, ldy, level);
   }
 }
 
