@@ -1,8 +1,8 @@
 """camelid's CPU kernels against llama.cpp and transformers, same machine, same threads, one run.
 
-    python bench/cpu.py [--threads 2] [--new 64] [--files q4_1,q4_0,q8_0] [--skip-transformers]
+    python bench/cpu.py [--threads 2] [--new 64] [--files q4_1,q4_0,q8_0,q4_k_m] [--skip-transformers]
 
-Files: the default model's shipped Q4_1 GGUF, and a Q4_0 and a Q8_0 GGUF that llama.cpp's own
+Files: the default model's shipped Q4_1 GGUF, and a Q4_0, a Q8_0 and a Q4_K_M GGUF that llama.cpp's own
 quantizer (llama-cpp-python's llama_model_quantize) makes from camelid's f16 export of it (cached
 in $CAMELID_HOME/bench/). Each engine runs in a fresh child process, alone, so its peak RSS is its
 own and nothing else competes for the cores. Per file and engine: time from a fresh process to
@@ -143,7 +143,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--files", default="q4_1,q4_0,q8_0")
+    ap.add_argument("--files", default="q4_1,q4_0,q8_0,q4_k_m")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--child", dest="engine", default=None)
     ap.add_argument("--first-token", action="store_true")
@@ -185,6 +185,7 @@ def main():
             f"{'b8/b1':>6} {'peak MiB':>8} {'GB/s':>6} {'of bound':>8}")
     print(head)
     for (name, engine), r in rows.items():
+        name = name[:6]
         gbs = r["wbytes"] * r["decode1"] / 1e9 if r["wbytes"] else None
         d8 = f"{r['decode8']:9.1f}" if r["decode8"] else f"{'-':>9}"
         ratio = f"{r['decode8'] / r['decode1']:6.2f}" if r["decode8"] else f"{'-':>6}"

@@ -34,7 +34,7 @@ def kin(fmt: str, k: int) -> int:
 
 def isas():
     """Every path this CPU can run, the portable one included."""
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "amx"]
     return order[:order.index(K.best_isa()) + 1]
 
 

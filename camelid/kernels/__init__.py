@@ -19,7 +19,7 @@ setup.py extension needs torch in pip's isolated build environment, which makes 
 anew (a multi-GB CUDA download on a CPU machine) unless every install says --no-build-isolation.
 The README's set-up command builds once (`python -m camelid.kernels`). Where it cannot be built
 (no compiler, another architecture) `available()` is False after a one-line warning and camelid
-runs its pure-PyTorch paths; CAMELID_KERNELS=0 chooses that on purpose. CAMELID_ISA=avx2 or
+runs its pure-PyTorch paths; CAMELID_KERNELS=0 chooses that on purpose. CAMELID_ISA=avx512, avx2 or
 scalar caps the instruction set (tests force each path with `forced_isa`).
 """
 
@@ -37,10 +37,10 @@ import torch
 
 from camelid.kernels import kquants
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "kquant.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "kquant.cpp", "amx.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-Wno-maybe-uninitialized"]
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: at run time the copy torch has loaded already
-ISAS = {0: "scalar", 1: "avx2", 2: "avx512"}
+ISAS = {0: "scalar", 1: "avx2", 2: "avx512", 3: "amx"}
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14  # GGML type ids
 QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q8_0": Q8_0, "q4_k": Q4_K, "q6_k": Q6_K}
 NAMES = {v: k for k, v in QTYPES.items()}

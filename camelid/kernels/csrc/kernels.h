@@ -4,6 +4,8 @@
 //   2  AVX-512 (F, BW, VL, DQ, VNNI)   vpdpbusd integer dot products, 16 lanes
 //   1  AVX2 + FMA + F16C               maddubs/madd integer dot products, 8 lanes
 //   0  portable C++                    the fallback, and the reference the others are tested against
+//   3  AVX-512 + AMX-INT8              tile matrix multiplies for products of AMX_ROWS rows or more
+//                                      (amx.cpp); everything else as level 2
 // The three perform the same integer and float32 operations in the same order for every output
 // (an integer dot product per 32-weight block, then float fma's over the blocks in order), so they
 // give the same bits, and so does any batch size: row m of a product never depends on the others.
@@ -13,7 +15,7 @@
 
 namespace camelid {
 
-enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AMX = 3 };
 int isa();                 // the level in use (the best the CPU has, unless forced)
 int best_isa();            // the best the CPU has
 void force_isa(int level); // tests: run a lower path (clamped to what the CPU has)
@@ -35,6 +37,24 @@ enum QType : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, 
 constexpr int TILE = 16;
 int block_bytes(int qtype);   // bytes of a tile block (16 rows x block_inputs), 0: no kernel
 int block_inputs(int qtype);  // 32, or 256 for the K-quants
+
+// Per format: bytes of a tile block, bytes of scales before the codes, an m (offset) per row, a
+// fifth code bit (Q5: a 64-byte plane after the nibbles, byte 4r+i bit g = input 4g+i of row r),
+// and the code offset taken off the dot product (w = d (q - corr)). The portable and AVX2 paths
+// read Q8 codes as signed (no offset); the AVX-512 path's are w + 128.
+inline constexpr int bb_of(int qt) {
+  return qt == Q4_0 ? 288 : qt == Q4_1 ? 320 : qt == Q5_0 ? 352 : qt == Q5_1 ? 384 : 544;
+}
+inline constexpr int hdr_of(int qt) { return qt == Q4_1 || qt == Q5_1 ? 64 : 32; }
+inline constexpr bool has_min(int qt) { return qt == Q4_1 || qt == Q5_1; }
+inline constexpr bool five_bit(int qt) { return qt == Q5_0 || qt == Q5_1; }
+inline constexpr int corr_of(int qt) { return qt == Q4_0 ? 8 : qt == Q5_0 ? 16 : 0; }
+
+// AMX (amx.cpp): the 32-weight block formats, for at least AMX_ROWS activation rows.
+constexpr int AMX_ROWS = 4;
+bool amx_usable();
+void qgemm_amx(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N, const int8_t* q,
+               const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy);
 float f16_to_f32(uint16_t h);  // exact, on any CPU
 
 // Activations quantized per block of 32 (ggml's Q8 form): q int8 [K], d float [K/32] (amax/127),

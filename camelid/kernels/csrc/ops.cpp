@@ -20,7 +20,7 @@ int best_isa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni"))
-      return int(ISA_AVX512);
+      return int(amx_usable() ? ISA_AMX : ISA_AVX512);
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
       return int(ISA_AVX2);
     return int(ISA_SCALAR);
@@ -35,6 +35,7 @@ static int env_isa() {  // CAMELID_ISA=scalar|avx2|avx512 caps the level for the
   if (!e) return 99;
   if (!std::strcmp(e, "scalar")) return ISA_SCALAR;
   if (!std::strcmp(e, "avx2")) return ISA_AVX2;
+  if (!std::strcmp(e, "avx512")) return ISA_AVX512;
   return 99;
 }
 

@@ -50,17 +50,7 @@ float f16_to_f32(uint16_t h) {  // exact, any CPU
   return f;
 }
 
-// Per format: bytes of a tile block, bytes of scales before the codes, an m (offset) per row, a
-// fifth code bit (Q5: a 64-byte plane after the nibbles, byte 4r+i bit g = input 4g+i of row r),
-// and the code offset taken off the dot product (w = d (q - corr)). The portable and AVX2 paths
-// read Q8 codes as signed (no offset); the AVX-512 path's are w + 128.
-constexpr int bb_of(int qt) {
-  return qt == Q4_0 ? 288 : qt == Q4_1 ? 320 : qt == Q5_0 ? 352 : qt == Q5_1 ? 384 : 544;
-}
-constexpr int hdr_of(int qt) { return qt == Q4_1 || qt == Q5_1 ? 64 : 32; }
-constexpr bool has_min(int qt) { return qt == Q4_1 || qt == Q5_1; }
-constexpr bool five_bit(int qt) { return qt == Q5_0 || qt == Q5_1; }
-constexpr int corr_of(int qt) { return qt == Q4_0 ? 8 : qt == Q5_0 ? 16 : 0; }
+// The portable and AVX2 paths read Q8 codes as signed (no offset); the AVX-512 path's are w + 128.
 
 // ---------------------------------------------------------------------------------------- portable
 
@@ -347,6 +337,7 @@ static void qgemm_simd(const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int6
   static const Tile narrow[] = {nullptr, tile_avx2<QT, 1>, tile_avx2<QT, 2>};
   const Tile* fns = level >= ISA_AVX512 ? wide : narrow;
   const int maxmr = level >= ISA_AVX512 ? 4 : 2;
+  if (level >= ISA_AMX && M >= AMX_ROWS) return qgemm_amx(QT, w, J, t0, t1, N, q, d, s, M, y, ldy);
   const int64_t K = 32 * J;
   for (int64_t t = t0; t < t1; ++t) {
     const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
