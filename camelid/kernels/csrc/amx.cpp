@@ -1,6 +1,7 @@
 // AMX-INT8 products (Intel Sapphire Rapids and later) for the 32-weight block formats: the integer
 // dot products of one tile block (16 output rows x 32 inputs) for up to 16 activation rows in one
-// TDPBSUD (signed activations x unsigned codes) or TDPBSSD (Q8_0's signed codes), then the same
+// TDPBSSD (signed activations x Q8_0's codes, or Q4_0 / Q5_0's unpacked as q - 8 / q - 16) or
+// TDPBSUD (Q4_1 / Q5_1's unsigned codes), then the same
 // float32 epilogue as the AVX-512 path (quant.cpp), in the same order. The integer sums are exact
 // on both, so AMX and AVX-512 give the same bits, and a row's result still never depends on its
 // batch: which path runs (by row count) changes nothing.
@@ -41,14 +42,14 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// tmm0, tmm1: C (mr x 16 int32) of two blocks; tmm2, tmm3: their A (mr x 32 int8); tmm4, tmm5: B.
+// tmm0-3: C (mr x 16 int32) of four blocks; tmm4, tmm5: A (mr x 32 int8); tmm6, tmm7: B (8 x 64).
 AMX_TARGET static void configure(int mr) {
   TileConfig c;
   std::memset(&c, 0, sizeof c);
   c.palette = 1;
-  for (int t : {0, 1}) c.rows[t] = uint8_t(mr), c.colsb[t] = 64;
-  for (int t : {2, 3}) c.rows[t] = uint8_t(mr), c.colsb[t] = 32;
-  for (int t : {4, 5}) c.rows[t] = 8, c.colsb[t] = 64;
+  for (int t : {0, 1, 2, 3}) c.rows[t] = uint8_t(mr), c.colsb[t] = 64;
+  for (int t : {4, 5}) c.rows[t] = uint8_t(mr), c.colsb[t] = 32;
+  for (int t : {6, 7}) c.rows[t] = 8, c.colsb[t] = 64;
   asm volatile("" : : "r"(&c) : "memory");  // gcc 12 drops the stores ldtilecfg reads without this
   _tile_loadconfig(&c);
 }
@@ -74,8 +75,16 @@ AMX_TARGET static void unpack(const uint8_t* codes, uint8_t* out) {
     wv[6] = _mm512_or_si512(wv[6], _mm512_and_si512(_mm512_srli_epi16(x, 2), bit4));
     wv[7] = _mm512_or_si512(wv[7], _mm512_and_si512(_mm512_srli_epi16(x, 3), bit4));
   }
+  if (corr_of(QT)) {  // Q4_0 / Q5_0: the signed codes q - 8 / q - 16, so the dot needs no correction
+    const __m512i c = _mm512_set1_epi8(char(corr_of(QT)));
+    for (int g = 0; g < 8; ++g) wv[g] = _mm512_sub_epi8(wv[g], c);
+  }
   for (int g = 0; g < 8; ++g) _mm512_storeu_si512(out + 64 * g, wv[g]);
 }
+
+// Signed codes (Q8_0, and Q4_0 / Q5_0 as unpacked) take TDPBSSD, unsigned ones (Q4_1 / Q5_1) TDPBSUD.
+template <int QT>
+constexpr bool signed_codes() { return QT == Q8_0 || corr_of(QT) != 0; }
 
 // The AVX-512 path's float32 epilogue for block j of MR rows, from the block's integer sums.
 template <int QT, int MR>
@@ -85,41 +94,56 @@ AMX_TARGET static inline void epilogue(const uint8_t* b, const int32_t* sums, co
   __m512 mw = _mm512_setzero_ps();
   if (has_min(QT)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
   for (int r = 0; r < MR; ++r) {
-    __m512i si = _mm512_load_si512(sums + 16 * r);
+    const __m512i si = _mm512_load_si512(sums + 16 * r);  // the exact dot sum (q - corr) a
     const float da = d[r * J + j];
     const int32_t sa = s[r * J + j];
-    if (corr_of(QT)) si = _mm512_sub_epi32(si, _mm512_set1_epi32(corr_of(QT) * sa));
     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dw, _mm512_set1_ps(da)), acc[r]);
     if (has_min(QT)) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * float(sa)), acc[r]);
   }
 }
 
+// Blocks j, j + 1 (if `two`) into C tiles CA, CB (A from tmm4 / tmm5, B from tmm6 / tmm7), and
+// their sums through memory into the epilogue. Macros, not templates: gcc's tile intrinsics paste
+// their register numbers into the assembly text.
+#define CAMELID_DP(C, A, B) \
+  do { if (signed_codes<QT>()) _tile_dpbssd(C, A, B); else _tile_dpbsud(C, A, B); } while (0)
+#define CAMELID_ISSUE(CA, CB, j, two)                  \
+  do {                                                 \
+    _tile_zero(CA);                                    \
+    _tile_loadd(4, q + 32 * (j), K);                   \
+    _tile_loadd(6, codes + (j) * cstride, 64);         \
+    CAMELID_DP(CA, 4, 6);                              \
+    if (two) {                                         \
+      _tile_zero(CB);                                  \
+      _tile_loadd(5, q + 32 * ((j) + 1), K);           \
+      _tile_loadd(7, codes + ((j) + 1) * cstride, 64); \
+      CAMELID_DP(CB, 5, 7);                            \
+    }                                                  \
+  } while (0)
+#define CAMELID_DRAIN(CA, CB, j, two)                                                     \
+  do {                                                                                    \
+    _tile_stored(CA, c, 64);                                                              \
+    if (two) _tile_stored(CB, c + 256, 64);                                               \
+    epilogue<QT, MR>(w + (j) * bb_of(QT), c, d, s, J, (j), acc);                          \
+    if (two) epilogue<QT, MR>(w + ((j) + 1) * bb_of(QT), c + 256, d, s, J, (j) + 1, acc); \
+  } while (0)
+
 // MR (<= 16) activation rows x one weight tile, the tile's B rows ready in `codes` (64-byte rows).
+// Software-pipelined: the tile unit multiplies blocks j + 2, j + 3 while the vector units run the
+// epilogue of blocks j, j + 1 (C tiles tmm0-1 and tmm2-3 in turn).
 template <int QT, int MR>
 AMX_TARGET static void rows_amx(const uint8_t* w, const uint8_t* codes, int64_t cstride, int64_t J, const int8_t* q,
                                 const float* d, const int32_t* s, int64_t K, float* y, int64_t ldy, int nvalid) {
-  constexpr int BB = bb_of(QT);
-  alignas(64) int32_t c0[16 * 16], c1[16 * 16];
+  alignas(64) int32_t c[2 * 256];
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < J; j += 2) {
-    const bool two = j + 1 < J;
-    _tile_zero(0);
-    _tile_loadd(2, q + 32 * j, K);
-    _tile_loadd(4, codes + j * cstride, 64);
-    if (QT == Q8_0) _tile_dpbssd(0, 2, 4); else _tile_dpbsud(0, 2, 4);
-    if (two) {
-      _tile_zero(1);
-      _tile_loadd(3, q + 32 * (j + 1), K);
-      _tile_loadd(5, codes + (j + 1) * cstride, 64);
-      if (QT == Q8_0) _tile_dpbssd(1, 3, 5); else _tile_dpbsud(1, 3, 5);
-    }
-    _tile_stored(0, c0, 64);
-    epilogue<QT, MR>(w + j * BB, c0, d, s, J, j, acc);
-    if (two) {
-      _tile_stored(1, c1, 64);
-      epilogue<QT, MR>(w + (j + 1) * BB, c1, d, s, J, j + 1, acc);
-    }
+  CAMELID_ISSUE(0, 1, 0, J > 1);
+  for (int64_t j = 0; j < J; j += 4) {
+    if (j + 2 < J) CAMELID_ISSUE(2, 3, j + 2, j + 3 < J);
+    CAMELID_DRAIN(0, 1, j, j + 1 < J);
+    if (j + 2 >= J) break;
+    if (j + 4 < J) CAMELID_ISSUE(0, 1, j + 4, j + 5 < J);
+    CAMELID_DRAIN(2, 3, j + 2, j + 3 < J);
   }
   const __mmask16 keep = nvalid >= 16 ? __mmask16(0xffff) : __mmask16((1u << nvalid) - 1);
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);

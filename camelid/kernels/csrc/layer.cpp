@@ -106,33 +106,47 @@ CLONES static void silu_mul(const float* g, const float* u, int64_t n, float* ou
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + fexp(-g[i])) * u[i];
 }
 
-// One query head over keys [k0, k1]: softmax(q k^T * scale) v, into y [D]. sc: k1 + 1 floats.
-CLONES static void attend_head_portable(const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1, int64_t D,
-                               float scale, float* sc, float* y) {
-  float mx = -INFINITY;
+// n query heads that share one KV head (GQA) over keys [k0, k1]: for each head h,
+// softmax(q_h k^T * scale) v into y_h. q and y: n heads of D floats each, consecutive; sc:
+// n * (k1 + 1) floats. Each key and value row is read once for the n heads; every head's own
+// operations (and their order) are those of one head alone, so grouping changes no bit.
+CLONES static void attend_group_portable(int n, const float* q, const float* kb, const float* vb, int64_t k0,
+                                         int64_t k1, int64_t D, float scale, float* sc, float* y) {
+  const int64_t S = k1 + 1;
+  float mx[16];
+  for (int h = 0; h < n; ++h) mx[h] = -INFINITY;
   for (int64_t s = k0; s <= k1; ++s) {
     const float* k = kb + s * D;
-    float p[16] = {0};
-    for (int64_t i = 0; i < D; i += 16)
-      for (int l = 0; l < 16; ++l) p[l] = p[l] + q[i + l] * k[i + l];
-    for (int w = 8; w > 0; w /= 2)
-      for (int l = 0; l < w; ++l) p[l] = p[l] + p[l + w];
-    sc[s] = p[0] * scale;
-    mx = sc[s] > mx ? sc[s] : mx;
+    for (int h = 0; h < n; ++h) {
+      const float* qh = q + h * D;
+      float p[16] = {0};
+      for (int64_t i = 0; i < D; i += 16)
+        for (int l = 0; l < 16; ++l) p[l] = p[l] + qh[i + l] * k[i + l];
+      for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) p[l] = p[l] + p[l + w];
+      sc[h * S + s] = p[0] * scale;
+      mx[h] = sc[h * S + s] > mx[h] ? sc[h * S + s] : mx[h];
+    }
   }
-  for (int64_t s = k0; s <= k1; ++s) sc[s] = fexp(sc[s] - mx);
-  float sum = 0.f;
-  for (int64_t i = 0; i < D; ++i) y[i] = 0.f;
+  for (int h = 0; h < n; ++h)
+    for (int64_t s = k0; s <= k1; ++s) sc[h * S + s] = fexp(sc[h * S + s] - mx[h]);
+  float sum[16];
+  for (int h = 0; h < n; ++h) sum[h] = 0.f;
+  for (int64_t i = 0; i < n * D; ++i) y[i] = 0.f;
   for (int64_t s = k0; s <= k1; ++s) {
-    sum = sum + sc[s];
     const float* v = vb + s * D;
-    for (int64_t i = 0; i < D; ++i) y[i] = y[i] + sc[s] * v[i];
+    for (int h = 0; h < n; ++h) {
+      sum[h] = sum[h] + sc[h * S + s];
+      for (int64_t i = 0; i < D; ++i) y[h * D + i] = y[h * D + i] + sc[h * S + s] * v[i];
+    }
   }
-  const float inv = 1.f / sum;
-  for (int64_t i = 0; i < D; ++i) y[i] = y[i] * inv;
+  for (int h = 0; h < n; ++h) {
+    const float inv = 1.f / sum[h];
+    for (int64_t i = 0; i < D; ++i) y[h * D + i] = y[h * D + i] * inv;
+  }
 }
 
-// The same operations as attend_head_portable, 16 lanes at a time (same lane sums, same tree,
+// The same operations as attend_group_portable, 16 lanes at a time (same lane sums, same tree,
 // mul then add, the same exp), so the bits agree with it.
 #define AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx2,fma")))
 
@@ -157,41 +171,56 @@ AVX512_TARGET static inline __m512 fexp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
-AVX512_TARGET static void attend_head_avx512(const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1,
-                                             int64_t D, float scale, float* sc, float* y) {
-  float mx = -INFINITY;
+AVX512_TARGET static void attend_group_avx512(int n, const float* q, const float* kb, const float* vb, int64_t k0,
+                                              int64_t k1, int64_t D, float scale, float* sc, float* y) {
+  const int64_t S = k1 + 1;
+  float mx[16];
+  for (int h = 0; h < n; ++h) mx[h] = -INFINITY;
   for (int64_t s = k0; s <= k1; ++s) {
     const float* k = kb + s * D;
-    __m512 p = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i)));
-    __m256 p8 = _mm256_add_ps(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1));  // lanes l + (l + 8)
-    __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
-    __m128 p2 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
-    __m128 p1 = _mm_add_ss(p2, _mm_shuffle_ps(p2, p2, 1));
-    sc[s] = _mm_cvtss_f32(p1) * scale;
-    mx = sc[s] > mx ? sc[s] : mx;
+    for (int h = 0; h < n; ++h) {
+      const float* qh = q + h * D;
+      __m512 p = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(k + i)));
+      __m256 p8 = _mm256_add_ps(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1));  // lanes l + (l + 8)
+      __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
+      __m128 p2 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
+      __m128 p1 = _mm_add_ss(p2, _mm_shuffle_ps(p2, p2, 1));
+      const float v = _mm_cvtss_f32(p1) * scale;
+      sc[h * S + s] = v;
+      mx[h] = v > mx[h] ? v : mx[h];
+    }
   }
-  int64_t s = k0;
-  for (; s + 16 <= k1 + 1; s += 16)
-    _mm512_storeu_ps(sc + s, fexp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(mx))));
-  for (; s <= k1; ++s) sc[s] = fexp(sc[s] - mx);
-  float sum = 0.f;
-  for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + i, _mm512_setzero_ps());
+  for (int h = 0; h < n; ++h) {
+    float* sh = sc + h * S;
+    int64_t s = k0;
+    for (; s + 16 <= k1 + 1; s += 16)
+      _mm512_storeu_ps(sh + s, fexp16(_mm512_sub_ps(_mm512_loadu_ps(sh + s), _mm512_set1_ps(mx[h]))));
+    for (; s <= k1; ++s) sh[s] = fexp(sh[s] - mx[h]);
+  }
+  float sum[16];
+  for (int h = 0; h < n; ++h) sum[h] = 0.f;
+  for (int64_t i = 0; i < n * D; i += 16) _mm512_storeu_ps(y + i, _mm512_setzero_ps());
   for (int64_t t = k0; t <= k1; ++t) {
-    sum = sum + sc[t];
-    const __m512 w = _mm512_set1_ps(sc[t]);
     const float* v = vb + t * D;
-    for (int64_t i = 0; i < D; i += 16)
-      _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_mul_ps(w, _mm512_loadu_ps(v + i))));
+    for (int h = 0; h < n; ++h) {
+      sum[h] = sum[h] + sc[h * S + t];
+      const __m512 w = _mm512_set1_ps(sc[h * S + t]);
+      float* yh = y + h * D;
+      for (int64_t i = 0; i < D; i += 16)
+        _mm512_storeu_ps(yh + i, _mm512_add_ps(_mm512_loadu_ps(yh + i), _mm512_mul_ps(w, _mm512_loadu_ps(v + i))));
+    }
   }
-  const __m512 inv = _mm512_set1_ps(1.f / sum);
-  for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), inv));
+  for (int h = 0; h < n; ++h) {
+    const __m512 inv = _mm512_set1_ps(1.f / sum[h]);
+    for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + h * D + i, _mm512_mul_ps(_mm512_loadu_ps(y + h * D + i), inv));
+  }
 }
 
-static void attend_head(int level, const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1, int64_t D,
-                        float scale, float* sc, float* y) {
-  if (level >= ISA_AVX512) return attend_head_avx512(q, kb, vb, k0, k1, D, scale, sc, y);
-  attend_head_portable(q, kb, vb, k0, k1, D, scale, sc, y);
+static void attend_group(int level, int n, const float* q, const float* kb, const float* vb, int64_t k0, int64_t k1,
+                         int64_t D, float scale, float* sc, float* y) {
+  if (level >= ISA_AVX512) return attend_group_avx512(n, q, kb, vb, k0, k1, D, scale, sc, y);
+  attend_group_portable(n, q, kb, vb, k0, k1, D, scale, sc, y);
 }
 
 CLONES static void rmsnorm(const float* x, const float* w, float eps, int64_t C, float* out) {
@@ -316,7 +345,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
 #pragma omp parallel num_threads(nth)
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    std::vector<float> sc(last + 1);
+    std::vector<float> sc(std::min<int64_t>(G, 16) * (last + 1));
     StageClock clock;
     clock.on = clock.on && tid == 0;
     if (clock.on) profiled_calls += 1;
@@ -342,16 +371,19 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
       }
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      for (int64_t ih = R * H * tid / team; ih < R * H * (tid + 1) / team; ++ih) {
+      // this thread's (row, query head) pairs, heads that share a KV head taken together
+      for (int64_t ih = R * H * tid / team, end = R * H * (tid + 1) / team; ih < end;) {
         // query row i = (b, t) sees keys [key_start[b], slot[t]]
         const int64_t i = ih / H, hd = ih % H, b = i / T, slot = sl[i % T], kv = hd / G, k0 = ks[b];
+        const int n = int(std::min({end, i * H + (kv + 1) * G, ih + 16}) - ih);  // at most 16 at a time
         float* y = att.data() + (i * H + hd) * D;
         if (k0 > slot) {  // a row with no keys (padding only): its output is never read
-          std::fill_n(y, D, 0.f);
-          continue;
+          std::fill_n(y, n * D, 0.f);
+        } else {
+          attend_group(level, n, qkv.data() + i * nqkv + hd * D, ly.kc + (b * Hkv + kv) * S * D,
+                       ly.vc + (b * Hkv + kv) * S * D, k0, slot, D, fs, sc.data(), y);
         }
-        attend_head(level, qkv.data() + i * nqkv + hd * D, ly.kc + (b * Hkv + kv) * S * D, ly.vc + (b * Hkv + kv) * S * D,
-                    k0, slot, D, fs, sc.data(), y);
+        ih += n;
       }
 #pragma omp barrier
       clock.lap(ST_ATTENTION);

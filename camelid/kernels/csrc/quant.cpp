@@ -337,7 +337,7 @@ static void qgemm_simd(const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int6
   static const Tile narrow[] = {nullptr, tile_avx2<QT, 1>, tile_avx2<QT, 2>};
   const Tile* fns = level >= ISA_AVX512 ? wide : narrow;
   const int maxmr = level >= ISA_AVX512 ? 4 : 2;
-  if (level >= ISA_AMX && M >= AMX_ROWS) return qgemm_amx(QT, w, J, t0, t1, N, q, d, s, M, y, ldy);
+  if (level >= ISA_AMX && M >= amx_rows(QT)) return qgemm_amx(QT, w, J, t0, t1, N, q, d, s, M, y, ldy);
   const int64_t K = 32 * J;
   for (int64_t t = t0; t < t1; ++t) {
     const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
