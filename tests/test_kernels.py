@@ -361,15 +361,19 @@ def test_a_fresh_machine_builds_once_and_a_second_start_only_loads(tmp_path):
 # ---------------------------------------------------------------------- the fused decode layer
 
 @pytest.mark.parametrize("types", [{"blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_1},
-                                   {"blk.0.ffn_down.weight": Q.Q4_K, "blk.1.ffn_down.weight": Q.Q6_K}],
-                         ids=["q4_1", "k-quants"])
+                                   {"blk.0.ffn_down.weight": Q.Q4_K, "blk.1.ffn_down.weight": Q.Q6_K},
+                                   {"blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q5_1,
+                                    "blk.1.ffn_gate.weight": Q.Q5_0}],
+                         ids=["q4_1", "k-quants", "unfused-parts"])
 def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path, types):
     from camelid import LlamaForCausalLM
     from camelid.core.cache import KVCache
 
     path = tiny_gguf(tmp_path / "m.gguf", types, I=256)
     model = LlamaForCausalLM.from_pretrained(path)
-    assert model.model.fused_decode is not None
+    assert model.model.fused_decode is not None  # q/k/v or gate/up of other formats: side by side
+    parts = [[len(w) for w in step.weights] for step in model.model.fused_decode.steps]
+    assert parts == ([[3, 1, 1, 1], [1, 1, 2, 1]] if "blk.0.attn_q.weight" in types else [[1, 1, 1, 1]] * 2)
     ids = torch.tensor([[0, 0, 4, 8, 15, 16], [1, 23, 42, 7, 9, 11]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     steps = []

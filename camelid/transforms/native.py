@@ -11,9 +11,10 @@ matrix kernels; one native call per layer ~25 us; one call for all layers less (
 speculative verification, training, masks with holes, ALiBi) runs the PyTorch layer, which stays
 the reference (tests/test_kernels.py compares the two).
 
-Applies to layers whose q/k/v and gate/up are fused (camelid.transforms.fuse) and whose four
-products are BlockLinear (GGUF blocks) or TiledLinear (float tiles), with no bias and SiLU. A
-layer changed afterwards (LoRA attached, unfused) is noticed and runs the PyTorch layer.
+Applies to layers whose products are BlockLinear (GGUF blocks) or TiledLinear (float tiles), q/k/v
+and gate/up fused (camelid.transforms.fuse) or, where their formats differ, side by side, with no
+bias and SiLU. A layer changed afterwards (LoRA attached, unfused) is noticed and runs the PyTorch
+layer.
 """
 
 from __future__ import annotations
@@ -41,28 +42,46 @@ def _kind(layer: nn.Module) -> tuple[torch.Tensor, int] | None:
 
 
 def _current(layer: nn.Module):
+    if isinstance(layer, FusedLinear):
+        layer = layer._modules["inner"]
     return layer._buffers.get("qweight") if type(layer) is BlockLinear else layer._parameters.get("weight")
+
+
+PRODUCTS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("self_attn", "o_proj", ()),
+            ("mlp", "gate_up_proj", ("gate_proj", "up_proj")), ("mlp", "down_proj", ()))
+
+
+def _products(layer: nn.Module) -> tuple:
+    """The modules of each of the layer's four products: the fused one, or its parts in order
+    (q, k, v in formats that do not fuse: a Q4_K_M file's Q6_K v beside Q4_K q and k). Read
+    through _modules: nn.Module's __getattr__ would cost more than the check is worth, every step."""
+    out = []
+    for owner, fused, parts in PRODUCTS:
+        mods = layer._modules[owner]._modules
+        one = mods.get(fused)
+        out.append((one,) if one is not None or not parts else tuple(mods.get(n) for n in parts))
+    return tuple(out)
 
 
 class FusedStep:
     """What one decoder layer gives the fused step; `ready()` is False once the layer changed."""
 
     def __init__(self, layer: nn.Module):
-        attn, mlp = layer.self_attn, layer.mlp
         self.layer = layer
-        self.modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        self.products = _products(layer)
         self.norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        self.weights = tuple(_kind(m) for m in self.modules)  # (tensor, kind) per product
+        self.weights = tuple(tuple(_kind(m) for m in p) for p in self.products)  # (tensor, kind) per part
 
     def ready(self) -> bool:
-        """The layer still holds what this step was built from (read through _modules/_parameters:
-        nn.Module's __getattr__ would cost more than the check is worth, every step)."""
-        layer, m = self.layer._modules, self.modules
-        attn, mlp = layer["self_attn"]._modules, layer["mlp"]._modules
-        return (attn["qkv_proj"] is m[0] and attn["o_proj"] is m[1] and mlp["gate_up_proj"] is m[2]
-                and mlp["down_proj"] is m[3] and layer["input_layernorm"]._parameters["weight"] is self.norms[0]
+        """The layer still holds what this step was built from: the same modules, tensors and norms."""
+        for now, then, weights in zip(_products(self.layer), self.products, self.weights):
+            if len(now) != len(then) or any(a is not b or _current(a) is not w
+                                            for a, b, (w, _) in zip(now, then, weights)):
+                return False
+        layer = self.layer._modules
+        return (layer["input_layernorm"]._parameters["weight"] is self.norms[0]
                 and layer["post_attention_layernorm"]._parameters["weight"] is self.norms[1]
-                and self.norms[0].dtype == torch.float32 and _current(m[0]._modules["inner"]) is self.weights[0][0])
+                and self.norms[0].dtype == torch.float32)
 
 
 class FusedDecode:
@@ -71,10 +90,14 @@ class FusedDecode:
     def __init__(self, model: nn.Module):
         config, attn = model.config, model.model.layers[0].self_attn
         self.steps = [FusedStep(layer) for layer in model.model.layers]
-        cols = list(zip(*(s.weights for s in self.steps)))  # per product: ((tensor, kind) per layer)
+        args = []
+        for i in range(4):  # per product: every layer's parts' tensors, their kinds (and part counts)
+            parts = [w for s in self.steps for w in s.weights[i]]
+            args += [[w for w, _ in parts], [k for _, k in parts]]
+            if i in (0, 2):
+                args.append([len(s.weights[i]) for s in self.steps])
         self.args = ([s.norms[0] for s in self.steps], [s.norms[1] for s in self.steps],
-                     model.model.layers[0].input_layernorm.variance_epsilon,
-                     *(x for col in cols for x in ([w for w, _ in col], [k for _, k in col])))
+                     model.model.layers[0].input_layernorm.variance_epsilon, *args)
         self.shape = (attn.num_heads, attn.num_kv_heads, config.intermediate_size, attn.scale)
 
     def ready(self) -> bool:
@@ -86,10 +109,8 @@ class FusedDecode:
 
 
 def can_fuse_decode(layer: nn.Module, config) -> bool:
-    attn, mlp = layer.self_attn, layer.mlp
-    return (getattr(attn, "qkv_proj", None) is not None and getattr(mlp, "gate_up_proj", None) is not None
-            and all(_kind(m) is not None for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-            and config.hidden_act in ("silu", "swish") and not config.alibi and attn.head_dim % 16 == 0)
+    return (all(m is not None and _kind(m) is not None for p in _products(layer) for m in p)
+            and config.hidden_act in ("silu", "swish") and not config.alibi and layer.self_attn.head_dim % 16 == 0)
 
 
 def fused_decode(model: nn.Module) -> nn.Module:

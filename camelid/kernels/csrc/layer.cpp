@@ -247,28 +247,48 @@ static void rope(float* x, const float* cos, const float* sin, int64_t D) {
 
 // ---------------------------------------------------------------------------------------- the step
 
-// What one layer reads: its weights (kernel tensors and kinds) and its KV cache.
+static bool is_block(int64_t kind) { return kind != F32_TILES && kind != BF16_TILES; }
+
+// A product's weights: one tensor, or several side by side (q, k, v of other formats; gate, up),
+// each part writing its outputs at `offset` of the product's n.
+struct Part {
+  const at::Tensor* w;
+  int64_t kind, n, offset;
+};
+struct Product {
+  std::vector<Part> parts;
+  int64_t n = 0, tiles = 0;
+  bool block = false;  // some part needs the quantized activations
+  void add(const at::Tensor* w, int64_t kind, int64_t np) {
+    parts.push_back(Part{w, kind, np, n});
+    n += np, tiles += w->size(0), block = block || is_block(kind);
+  }
+};
+
+// What one layer reads: its products and its KV cache.
 struct Layer {
   const float *ln1, *ln2;
-  const at::Tensor *w[4];
-  int64_t kind[4];
+  Product p[4];  // qkv, o, gate_up, down
   float *kc, *vc;
 };
 
-// The part [t0, t1) of the tiles of a product, for the thread that owns it. x is float32 rows
+// The thread's share [g0, g1) of a product's tiles (all parts in a row). x is float32 rows
 // (dense kinds) or the rows already quantized into (q, d, s) (block kinds).
-static void product_part(const at::Tensor& w, int64_t kind, int64_t n, const float* x, const int8_t* q,
-                         const float* d, const int32_t* s, int64_t M, int64_t K, float* y, int tid, int nth,
-                         int level) {
-  const int64_t T = w.size(0), t0 = T * tid / nth, t1 = T * (tid + 1) / nth;
-  if (t0 >= t1) return;
-  if (kind == F32_TILES || kind == BF16_TILES)
-    dgemm_tiles(kind == BF16_TILES, w.data_ptr(), K, t0, t1, n, x, M, y, n, level);
-  else
-    qgemm_tiles(int(kind), w.data_ptr<uint8_t>(), K / block_inputs(int(kind)), t0, t1, n, q, d, s, M, y, n, level);
+static void product_part(const Product& p, const float* x, const int8_t* q, const float* d, const int32_t* s,
+                         int64_t M, int64_t K, float* y, int tid, int nth, int level) {
+  const int64_t g0 = p.tiles * tid / nth, g1 = p.tiles * (tid + 1) / nth;
+  int64_t base = 0;
+  for (const Part& part : p.parts) {
+    const int64_t T = part.w->size(0), t0 = std::max<int64_t>(g0 - base, 0), t1 = std::min<int64_t>(g1 - base, T);
+    base += T;
+    if (t0 >= t1) continue;
+    if (!is_block(part.kind))
+      dgemm_tiles(part.kind == BF16_TILES, part.w->data_ptr(), K, t0, t1, part.n, x, M, y + part.offset, p.n, level);
+    else
+      qgemm_tiles(int(part.kind), part.w->data_ptr<uint8_t>(), K / block_inputs(int(part.kind)), t0, t1, part.n, q, d,
+                  s, M, y + part.offset, p.n, level);
+  }
 }
-
-static bool is_block(int64_t kind) { return kind != F32_TILES && kind != BF16_TILES; }
 
 // Every decoder layer of a step in one call and one OpenMP team: each product's tiles are split
 // over the threads, and so are the rows of the row-wise work and the (row, head) pairs of the
@@ -276,8 +296,9 @@ static bool is_block(int64_t kind) { return kind != F32_TILES && kind != BF16_TI
 // computes an output never changes how it is computed, so the result is the same for any thread
 // count, as it is for any batch.
 static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::TensorList ln2, double eps,
-                                at::TensorList wqkv, at::IntArrayRef kqkv, at::TensorList wo, at::IntArrayRef ko,
-                                at::TensorList wgu, at::IntArrayRef kgu, at::TensorList wd, at::IntArrayRef kd,
+                                at::TensorList wqkv, at::IntArrayRef kqkv, at::IntArrayRef qkv_parts,
+                                at::TensorList wo, at::IntArrayRef ko, at::TensorList wgu, at::IntArrayRef kgu,
+                                at::IntArrayRef gu_parts, at::TensorList wd, at::IntArrayRef kd,
                                 at::TensorList kc, at::TensorList vc, const at::Tensor& slots,
                                 const at::Tensor& key_start, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
                                 int64_t Hkv, int64_t inter, double scale) {
@@ -287,11 +308,19 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
                   key_start.scalar_type() == at::kLong && key_start.dim() == 1,
               "camelid::decode_layers: slots [T] and key_start [B] must be int64");
   const int64_t L = int64_t(ln1.size());
-  TORCH_CHECK(L > 0 && int64_t(ln2.size()) == L && int64_t(wqkv.size()) == L && int64_t(wo.size()) == L &&
-                  int64_t(wgu.size()) == L && int64_t(wd.size()) == L && int64_t(kc.size()) == L &&
-                  int64_t(vc.size()) == L && int64_t(kqkv.size()) == L && int64_t(ko.size()) == L &&
-                  int64_t(kgu.size()) == L && int64_t(kd.size()) == L,
+  TORCH_CHECK(L > 0 && int64_t(ln2.size()) == L && int64_t(wo.size()) == L && int64_t(wd.size()) == L &&
+                  int64_t(kc.size()) == L && int64_t(vc.size()) == L && int64_t(ko.size()) == L &&
+                  int64_t(kd.size()) == L && int64_t(qkv_parts.size()) == L && int64_t(gu_parts.size()) == L,
               "camelid::decode_layers: every list needs one entry per layer");
+  int64_t nq = 0, ng = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(qkv_parts[l] == 1 || qkv_parts[l] == 3, "camelid::decode_layers: q/k/v come in 1 or 3 parts");
+    TORCH_CHECK(gu_parts[l] == 1 || gu_parts[l] == 2, "camelid::decode_layers: gate/up come in 1 or 2 parts");
+    nq += qkv_parts[l], ng += gu_parts[l];
+  }
+  TORCH_CHECK(int64_t(wqkv.size()) == nq && int64_t(kqkv.size()) == nq && int64_t(wgu.size()) == ng &&
+                  int64_t(kgu.size()) == ng,
+              "camelid::decode_layers: the q/k/v and gate/up lists need the parts their counts say");
   const int64_t B = key_start.numel(), T = slots.numel(), R = x_in.size(0), C = x_in.size(1), D = cos.size(-1),
                 S = kc[0].size(2);
   TORCH_CHECK(R == B * T, "camelid::decode_layers: x has ", R, " rows, not batch ", B, " x ", T, " queries");
@@ -306,6 +335,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
               "camelid::decode_layers: cos/sin must be contiguous float32 [B * T, head_dim]");
   const int64_t nqkv = (H + 2 * Hkv) * D;
   std::vector<Layer> layers(L);
+  int64_t iq = 0, ig = 0;  // the next q/k/v and gate/up part
   for (int64_t l = 0; l < L; ++l) {
     for (const at::Tensor* t : {&kc[l], &vc[l]})
       TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
@@ -314,12 +344,25 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
     TORCH_CHECK(ln1[l].scalar_type() == at::kFloat && ln1[l].numel() == C && ln1[l].is_contiguous() &&
                     ln2[l].scalar_type() == at::kFloat && ln2[l].numel() == C && ln2[l].is_contiguous(),
                 "camelid::decode_layers: layer ", l, "'s norm weights must be float32 [C]");
-    check_weight(wqkv[l], kqkv[l], nqkv, C, "qkv");
+    Layer& ly = layers[l];
+    ly.ln1 = ln1[l].data_ptr<float>(), ly.ln2 = ln2[l].data_ptr<float>();
+    ly.kc = kc[l].data_ptr<float>(), ly.vc = vc[l].data_ptr<float>();
+    const std::vector<int64_t> qkv_n = qkv_parts[l] == 1 ? std::vector<int64_t>{nqkv}
+                                                         : std::vector<int64_t>{H * D, Hkv * D, Hkv * D};
+    const std::vector<int64_t> gu_n = gu_parts[l] == 1 ? std::vector<int64_t>{2 * inter}
+                                                       : std::vector<int64_t>{inter, inter};
+    for (int64_t n : qkv_n) {
+      check_weight(wqkv[iq], kqkv[iq], n, C, "qkv");
+      ly.p[0].add(&wqkv[iq], kqkv[iq], n), ++iq;
+    }
     check_weight(wo[l], ko[l], C, H * D, "o");
-    check_weight(wgu[l], kgu[l], 2 * inter, C, "gate_up");
+    ly.p[1].add(&wo[l], ko[l], C);
+    for (int64_t n : gu_n) {
+      check_weight(wgu[ig], kgu[ig], n, C, "gate_up");
+      ly.p[2].add(&wgu[ig], kgu[ig], n), ++ig;
+    }
     check_weight(wd[l], kd[l], C, inter, "down");
-    layers[l] = Layer{ln1[l].data_ptr<float>(), ln2[l].data_ptr<float>(), {&wqkv[l], &wo[l], &wgu[l], &wd[l]},
-                      {kqkv[l], ko[l], kgu[l], kd[l]}, kc[l].data_ptr<float>(), vc[l].data_ptr<float>()};
+    ly.p[3].add(&wd[l], kd[l], C);
   }
   const int level = isa();
   const float fe = float(eps), fs = float(scale);
@@ -337,8 +380,8 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   const int nth = std::max(1, std::min(at::get_num_threads(), 64));
 
   // rows [i0, i1) of a product's input, quantized when its weights are blocks
-  auto prep = [&](const float* src, int64_t K, int64_t kind, int64_t i0, int64_t i1) {
-    if (is_block(kind) && i1 > i0)
+  auto prep = [&](const float* src, int64_t K, const Product& p, int64_t i0, int64_t i1) {
+    if (p.block && i1 > i0)
       quantize_rows(src + i0 * K, i1 - i0, K, q.data() + i0 * K, qd.data() + i0 * (K / 32), qs.data() + i0 * (K / 32),
                     level);
   };
@@ -353,11 +396,10 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
       for (int64_t i = r0; i < r1; ++i) rmsnorm(x + i * C, ly.ln1, fe, C, h.data() + i * C);
-      prep(h.data(), C, ly.kind[0], r0, r1);
+      prep(h.data(), C, ly.p[0], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(*ly.w[0], ly.kind[0], nqkv, h.data(), q.data(), qd.data(), qs.data(), R, C, qkv.data(), tid,
-                   team, level);
+      product_part(ly.p[0], h.data(), q.data(), qd.data(), qs.data(), R, C, qkv.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i) {  // every row's k, v into the cache before any row attends
@@ -387,31 +429,28 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
       }
 #pragma omp barrier
       clock.lap(ST_ATTENTION);
-      prep(att.data(), H * D, ly.kind[1], r0, r1);
+      prep(att.data(), H * D, ly.p[1], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(*ly.w[1], ly.kind[1], C, att.data(), q.data(), qd.data(), qs.data(), R, H * D, o.data(), tid,
-                   team, level);
+      product_part(ly.p[1], att.data(), q.data(), qd.data(), qs.data(), R, H * D, o.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i) {
         for (int64_t c = 0; c < C; ++c) x[i * C + c] = x[i * C + c] + o[i * C + c];
         rmsnorm(x + i * C, ly.ln2, fe, C, h.data() + i * C);
       }
-      prep(h.data(), C, ly.kind[2], r0, r1);
+      prep(h.data(), C, ly.p[2], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(*ly.w[2], ly.kind[2], 2 * inter, h.data(), q.data(), qd.data(), qs.data(), R, C, gu.data(), tid,
-                   team, level);
+      product_part(ly.p[2], h.data(), q.data(), qd.data(), qs.data(), R, C, gu.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i)
         silu_mul(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, h.data() + i * inter);
-      prep(h.data(), inter, ly.kind[3], r0, r1);
+      prep(h.data(), inter, ly.p[3], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(*ly.w[3], ly.kind[3], C, h.data(), q.data(), qd.data(), qs.data(), R, inter, o.data(), tid,
-                   team, level);
+      product_part(ly.p[3], h.data(), q.data(), qd.data(), qs.data(), R, inter, o.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i)
@@ -426,8 +465,9 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
 }  // namespace camelid
 
 TORCH_LIBRARY_FRAGMENT(camelid, m) {
-  m.def("decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, float eps, Tensor[] wqkv, int[] kqkv, Tensor[] wo, "
-        "int[] ko, Tensor[] wgu, int[] kgu, Tensor[] wd, int[] kd, Tensor(a!)[] kc, Tensor(b!)[] vc, Tensor slots, "
+  m.def("decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, float eps, Tensor[] wqkv, int[] kqkv, int[] qkv_parts, "
+        "Tensor[] wo, int[] ko, Tensor[] wgu, int[] kgu, int[] gu_parts, Tensor[] wd, int[] kd, Tensor(a!)[] kc, "
+        "Tensor(b!)[] vc, Tensor slots, "
         "Tensor key_start, Tensor cos, Tensor sin, int heads, int kv_heads, int inter, float scale) -> Tensor");
 }
 
