@@ -439,13 +439,13 @@ def test_the_decode_profile_splits_the_fused_step_and_accounts_for_the_wall_time
     model = LlamaForCausalLM.from_pretrained(tiny_gguf(tmp_path / "m.gguf", {}))
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     prof = profile_decode(model, ids, steps=8)
-    p = dict(prof.rows)
+    p = dict(prof.parts)
     fused = [v for k, v in p.items() if "fused op" in k]
     assert p["matrix products (layers, in the fused op)"] > 0 and all(v >= 0 for v in p.values())
     assert p["matrix products (torch ops: lm_head, unfused layers)"] > 0  # the lm_head
-    assert abs(sum(ms for _, ms in prof.rows) - prof.step_ms) <= 0.05 * prof.step_ms + 0.05
+    assert abs(sum(ms for _, ms in prof.parts) - prof.step_ms) <= 0.05 * prof.step_ms + 0.05
     model.model.fused_decode = None  # the PyTorch layers: no stage clocks, the products are torch ops
-    q = dict(profile_decode(model, ids, steps=8).rows)
+    q = dict(profile_decode(model, ids, steps=8).parts)
     assert all(q[k] == 0 for k in p if "in the fused op" in k or "(fused op)" in k)
     assert "Python" in format_table(prof) and sum(fused) > 0
 

@@ -28,11 +28,12 @@ FUSED = "camelid::decode_layers"
 
 @dataclass
 class Profile:
-    rows: list  # (category, ms per token)
-    step_ms: float  # profiled wall time per token
+    parts: list  # (category, ms per step)
+    step_ms: float  # profiled wall time per step
     plain_ms: float  # the same steps without the profiler
     steps: int
-    top: list  # (op name, ms per token) of the other torch ops, largest first
+    top: list  # (op name, ms per step) of the other torch ops, largest first
+    rows: int = 1  # tokens per step (the batch)
 
 
 def _steps(model, ids: torch.Tensor, n: int):
@@ -70,7 +71,7 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 32) -> Profile:
                 pass
             wall = time.perf_counter() - start
         stages = torch.ops.camelid.layer_profile(False) if native else [0.0, 0.0, 0.0, 0.0]
-    per = 1e3 / steps  # seconds over all steps -> ms per token
+    per = 1e3 / steps  # seconds over all steps -> ms per step
     self_us = {}
     for e in prof.key_averages():
         self_us[e.key] = self_us.get(e.key, 0.0) + e.self_cpu_time_total
@@ -90,16 +91,16 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 32) -> Profile:
             ("Python (generate loop, sampling, bookkeeping)", max(wall - ops, 0.0) * per)]
     skip = set(MATMUL) | set(ATTENTION) | {FUSED}
     top = sorted(((k, v / 1e3 / steps) for k, v in self_us.items() if k not in skip), key=lambda kv: -kv[1])[:6]
-    return Profile(rows=rows, step_ms=wall * per, plain_ms=plain * 1e3, steps=steps, top=top)
+    return Profile(parts=rows, step_ms=wall * per, plain_ms=plain * 1e3, steps=steps, top=top, rows=ids.shape[0])
 
 
 def format_table(p: Profile) -> str:
-    total = sum(ms for _, ms in p.rows) or 1.0
-    lines = [f"{'decode step, per token':56} {'ms':>8} {'share':>7}"]
-    lines += [f"{name:56} {ms:8.3f} {100 * ms / total:6.1f}%" for name, ms in p.rows]
+    total = sum(ms for _, ms in p.parts) or 1.0
+    lines = [f"{f'decode step, batch {p.rows}':56} {'ms':>8} {'share':>7}"]
+    lines += [f"{name:56} {ms:8.3f} {100 * ms / total:6.1f}%" for name, ms in p.parts]
     lines.append(f"{'total (profiled)':56} {p.step_ms:8.3f}")
-    lines.append(f"{'total without the profiler':56} {p.plain_ms:8.3f}   ({1e3 / p.plain_ms:.1f} tok/s, "
+    lines.append(f"{'total without the profiler':56} {p.plain_ms:8.3f}   ({p.rows * 1e3 / p.plain_ms:.1f} tok/s, "
                  f"{p.steps} steps)")
     if p.top:
-        lines.append("largest other torch ops (ms/token): " + ", ".join(f"{k} {v:.3f}" for k, v in p.top))
+        lines.append("largest other torch ops (ms/step): " + ", ".join(f"{k} {v:.3f}" for k, v in p.top))
     return "\n".join(lines)

@@ -171,6 +171,37 @@ AVX512_TARGET static inline __m512 fexp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
+// y = sum_t p[t] v_t / sum_t p[t] over keys [k0, k1], y in DV registers of 16 (head_dim 16 DV): the
+// portable loop's operations in its order (mul then add per key, the sum in key order).
+template <int DV>
+AVX512_TARGET static void weigh_values(const float* p, const float* vb, int64_t k0, int64_t k1, float* y) {
+  constexpr int64_t D = 16 * DV;
+  __m512 acc[DV];
+  for (int i = 0; i < DV; ++i) acc[i] = _mm512_setzero_ps();
+  float sum = 0.f;
+  for (int64_t t = k0; t <= k1; ++t) {
+    sum = sum + p[t];
+    const __m512 w = _mm512_set1_ps(p[t]);
+    for (int i = 0; i < DV; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(w, _mm512_loadu_ps(vb + t * D + 16 * i)));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / sum);
+  for (int i = 0; i < DV; ++i) _mm512_storeu_ps(y + 16 * i, _mm512_mul_ps(acc[i], inv));
+}
+
+AVX512_TARGET static void weigh_values_any(const float* p, const float* vb, int64_t k0, int64_t k1, int64_t D,
+                                           float* y) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + i, _mm512_setzero_ps());
+  for (int64_t t = k0; t <= k1; ++t) {
+    sum = sum + p[t];
+    const __m512 w = _mm512_set1_ps(p[t]);
+    for (int64_t i = 0; i < D; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_mul_ps(w, _mm512_loadu_ps(vb + t * D + i))));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / sum);
+  for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), inv));
+}
+
 AVX512_TARGET static void attend_group_avx512(int n, const float* q, const float* kb, const float* vb, int64_t k0,
                                               int64_t k1, int64_t D, float scale, float* sc, float* y) {
   const int64_t S = k1 + 1;
@@ -198,22 +229,12 @@ AVX512_TARGET static void attend_group_avx512(int n, const float* q, const float
       _mm512_storeu_ps(sh + s, fexp16(_mm512_sub_ps(_mm512_loadu_ps(sh + s), _mm512_set1_ps(mx[h]))));
     for (; s <= k1; ++s) sh[s] = fexp(sh[s] - mx[h]);
   }
-  float sum[16];
-  for (int h = 0; h < n; ++h) sum[h] = 0.f;
-  for (int64_t i = 0; i < n * D; i += 16) _mm512_storeu_ps(y + i, _mm512_setzero_ps());
-  for (int64_t t = k0; t <= k1; ++t) {
-    const float* v = vb + t * D;
-    for (int h = 0; h < n; ++h) {
-      sum[h] = sum[h] + sc[h * S + t];
-      const __m512 w = _mm512_set1_ps(sc[h * S + t]);
-      float* yh = y + h * D;
-      for (int64_t i = 0; i < D; i += 16)
-        _mm512_storeu_ps(yh + i, _mm512_add_ps(_mm512_loadu_ps(yh + i), _mm512_mul_ps(w, _mm512_loadu_ps(v + i))));
-    }
-  }
-  for (int h = 0; h < n; ++h) {
-    const __m512 inv = _mm512_set1_ps(1.f / sum[h]);
-    for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + h * D + i, _mm512_mul_ps(_mm512_loadu_ps(y + h * D + i), inv));
+  for (int h = 0; h < n; ++h) {  // the values: each head's row of y in registers (head_dim 64 or 128)
+    const float* sh = sc + h * S;
+    float* yh = y + h * D;
+    if (D == 64) weigh_values<4>(sh, vb, k0, k1, yh);
+    else if (D == 128) weigh_values<8>(sh, vb, k0, k1, yh);
+    else weigh_values_any(sh, vb, k0, k1, D, yh);
   }
 }
 
