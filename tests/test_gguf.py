@@ -211,8 +211,8 @@ def test_what_gguf_cannot_express_is_a_clear_error_and_writes_nothing(tmp_path, 
 
 
 def test_bad_dtype(tmp_path):
-    with pytest.raises(ValueError, match="dtype 'q5_0' is not one of"):
-        save_gguf(tiny_model(), tmp_path / "m.gguf", "q5_0")
+    with pytest.raises(ValueError, match="dtype 'q3_k' is not one of"):
+        save_gguf(tiny_model(), tmp_path / "m.gguf", "q3_k")
     assert os.listdir(tmp_path) == []
 
 

@@ -56,7 +56,7 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 32) -> Profile:
     """Profile `steps` greedy decode steps of `model` after the prompt `ids` [B, T]."""
     from torch.profiler import ProfilerActivity, profile
 
-    from camelid import kernels
+    import camelid.kernels as kernels
 
     native = kernels.available()
     with torch.inference_mode():
