@@ -7,7 +7,7 @@ n_ctx tokens, make each chunk's first token BOS, evaluate the chunk, and score o
 half (the log-probability of token i + 1 given tokens <= i, for i from n_ctx/2 on); ppl =
 exp(mean NLL). Both engines get the same token ids (llama.cpp's tokenizer) and the same chunks,
 so the figures differ only by the engines' arithmetic. Files: the shipped Q4_1 and the Q4_0 /
-Q8_0 that bench/cpu.py makes; camelid runs each with its blocks (the default) and dequantized
+Q8_0 / Q4_K_M that bench/cpu.py makes; camelid runs each with its blocks (the default) and dequantized
 to float32 (the reference for "within 3% of float32").
 """
 
@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--files", default="q4_1,q4_0,q8_0")
+    ap.add_argument("--files", default="q4_1,q4_0,q8_0,q4_k_m")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from llama_cpp import Llama

@@ -96,6 +96,22 @@ def test_every_bit_of_a_k_quant_block_is_read_like_the_gguf_package(fmt):
     assert (outs["scalar"].double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_k_quant_activations_are_ggmls_q8_k():
+    """One scale per 256 (the element of largest |x|, its sign kept: d = max / -127), as ggml's
+    Q4_K / Q6_K dot products quantize them; NaN poisons its super-block only."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 768, generator=g) * torch.logspace(-3, 2, 5)[:, None]
+    x[2, 300] = float("nan")
+    x[3, :256] = 0
+    want = K.quantize_act_k_reference(x)
+    got = torch.ops.camelid.quantize_act(x, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    assert torch.allclose(got[1], want[1], equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(got[1][2, 8:16]).all() and torch.isfinite(got[1][2, :8]).all() and (got[1][3, :8] == 0).all()
+    peak = x[0, :256].abs().argmax()
+    assert got[0][0, peak] == -127 and got[1][0, 0] * x[0, peak] < 0  # the largest is code -127, d of the other sign
+
+
 @pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
 def test_k_quant_quantizer_error_is_that_of_its_bits(fmt):
     """camelid's K-quant fit (gguf-py has none): relative RMS error near what the bits allow

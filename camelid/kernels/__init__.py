@@ -124,7 +124,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], n)
 
     @lib.register_fake("camelid::quantize_act")
-    def _(x):
+    def _(x, super_blocks=False):
         M, K = x.shape
         return (x.new_empty(M, K, dtype=torch.int8), x.new_empty(M, K // 32),
                 x.new_empty(M, K // 32, dtype=torch.int32))
@@ -281,10 +281,30 @@ def quantize_act_reference(x: torch.Tensor):
     return q.to(torch.int8).reshape(M, K), d[..., 0], q.sum(-1).to(torch.int32)
 
 
+def quantize_act_k_reference(x: torch.Tensor):
+    """The K-quants' activations (ggml's Q8_K) in PyTorch: per 256, d = max / -127 with max the
+    element of largest |x| (the first such), codes min(127, round-half-even(x * (-127 / max)));
+    d and the code sums are given per block of 32, as the kernels take them."""
+    M, K = x.shape
+    xb = x.float().reshape(M, K // 256, 256)
+    finite = torch.isfinite(xb).all(-1, keepdim=True)
+    peak = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # argmax: the first of equal |x|
+    zero = peak == 0
+    # tensor / tensor: a number / tensor is reciprocal-then-multiply in torch (another rounding)
+    safe = torch.where(zero, torch.ones_like(peak), peak)
+    iscale = torch.where(zero | ~finite, torch.zeros_like(peak), torch.full_like(peak, -127.0) / safe)
+    q = torch.where(finite, torch.round(xb * iscale).clamp(max=127), torch.zeros_like(xb))
+    inv = torch.ones_like(iscale) / torch.where(zero, torch.ones_like(iscale), iscale)
+    d = torch.where(finite, torch.where(zero, torch.zeros_like(peak), inv), torch.full_like(peak, float("nan")))
+    q32 = q.reshape(M, K // 32, 32)
+    return (q.to(torch.int8).reshape(M, K), d.expand(M, K // 256, 8).reshape(M, K // 32),
+            q32.sum(-1).to(torch.int32))
+
+
 def reference_quant_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """What quant_linear computes, in float64 from the same quantized activations: the float32
     kernels may differ from it only by float32 rounding of the per-block sums."""
-    q, d, _ = quantize_act_reference(x)
+    q, d, _ = (quantize_act_k_reference if qtype in kquants.TILE_BYTES else quantize_act_reference)(x)
     M, K = x.shape
     xq = (q.double().view(M, K // 32, 32) * d.double()[..., None]).reshape(M, K)
     return xq @ dequantize(raw, qtype).double().t()

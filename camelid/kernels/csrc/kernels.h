@@ -63,6 +63,13 @@ float f16_to_f32(uint16_t h);  // exact, on any CPU
 // s int32 [K/32] (sum of the block's codes). A block holding NaN or Inf gets d = NaN.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* s, int level);
 
+// The K-quants' activations, as ggml quantizes them for Q4_K / Q6_K dot products (its Q8_K): one
+// scale per 256, d = max / -127 with max the element of largest |x| (codes round-half-even(x / d),
+// at most 127), written into the same arrays (d repeated over the 8 blocks of 32, s per 32).
+// Portable C++ on every path (cheap beside the products), so every path agrees.
+void quantize_rows_k(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* s);
+inline constexpr bool k_activations(int qtype) { return qtype == Q4_K || qtype == Q6_K; }
+
 // y[m, n] (ldy floats per row) for rows m of the quantized activations, tiles [t0, t1);
 // J tile blocks per row (K / block_inputs). The K-quants go to kgemm_tiles (kquant.cpp).
 void qgemm_tiles(int qtype, const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N,

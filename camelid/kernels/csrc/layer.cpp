@@ -279,10 +279,12 @@ struct Part {
 struct Product {
   std::vector<Part> parts;
   int64_t n = 0, tiles = 0;
-  bool block = false;  // some part needs the quantized activations
+  bool b32 = false, bk = false;  // some part needs the activations quantized per 32 / per 256 (K-quants)
   void add(const at::Tensor* w, int64_t kind, int64_t np) {
     parts.push_back(Part{w, kind, np, n});
-    n += np, tiles += w->size(0), block = block || is_block(kind);
+    n += np, tiles += w->size(0);
+    bk = bk || k_activations(int(kind));
+    b32 = b32 || (is_block(kind) && !k_activations(int(kind)));
   }
 };
 
@@ -293,10 +295,17 @@ struct Layer {
   float *kc, *vc;
 };
 
+// Quantized activation rows: codes, scales and code sums per block of 32.
+struct Acts {
+  int8_t* q;
+  float* d;
+  int32_t* s;
+};
+
 // The thread's share [g0, g1) of a product's tiles (all parts in a row). x is float32 rows
-// (dense kinds) or the rows already quantized into (q, d, s) (block kinds).
-static void product_part(const Product& p, const float* x, const int8_t* q, const float* d, const int32_t* s,
-                         int64_t M, int64_t K, float* y, int tid, int nth, int level) {
+// (dense kinds) or the rows already quantized (block kinds: a32, or ak for the K-quants).
+static void product_part(const Product& p, const float* x, const Acts& a32, const Acts& ak, int64_t M, int64_t K,
+                         float* y, int tid, int nth, int level) {
   const int64_t g0 = p.tiles * tid / nth, g1 = p.tiles * (tid + 1) / nth;
   int64_t base = 0;
   for (const Part& part : p.parts) {
@@ -305,9 +314,11 @@ static void product_part(const Product& p, const float* x, const int8_t* q, cons
     if (t0 >= t1) continue;
     if (!is_block(part.kind))
       dgemm_tiles(part.kind == BF16_TILES, part.w->data_ptr(), K, t0, t1, part.n, x, M, y + part.offset, p.n, level);
-    else
-      qgemm_tiles(int(part.kind), part.w->data_ptr<uint8_t>(), K / block_inputs(int(part.kind)), t0, t1, part.n, q, d,
-                  s, M, y + part.offset, p.n, level);
+    else {
+      const Acts& a = k_activations(int(part.kind)) ? ak : a32;
+      qgemm_tiles(int(part.kind), part.w->data_ptr<uint8_t>(), K / block_inputs(int(part.kind)), t0, t1, part.n, a.q,
+                  a.d, a.s, M, y + part.offset, p.n, level);
+    }
   }
 }
 
@@ -393,6 +404,10 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   std::vector<float> h(R * wide), qkv(R * nqkv), att(R * H * D), o(R * C), gu(R * 2 * inter), qd(R * wide / 32);
   std::vector<int8_t> q(R * wide);
   std::vector<int32_t> qs(R * wide / 32);
+  std::vector<int8_t> qk(R * wide);  // the K-quants' activations
+  std::vector<float> qdk(R * wide / 32);
+  std::vector<int32_t> qsk(R * wide / 32);
+  const Acts a32{q.data(), qd.data(), qs.data()}, ak{qk.data(), qdk.data(), qsk.data()};
   int64_t last = 0;
   for (int64_t t = 0; t < T; ++t) last = std::max(last, sl[t]);
   const float* cs = cos.data_ptr<float>();
@@ -400,11 +415,12 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   const int64_t G = H / Hkv;
   const int nth = std::max(1, std::min(at::get_num_threads(), 64));
 
-  // rows [i0, i1) of a product's input, quantized when its weights are blocks
+  // rows [i0, i1) of a product's input, quantized as its block weights need
   auto prep = [&](const float* src, int64_t K, const Product& p, int64_t i0, int64_t i1) {
-    if (p.block && i1 > i0)
-      quantize_rows(src + i0 * K, i1 - i0, K, q.data() + i0 * K, qd.data() + i0 * (K / 32), qs.data() + i0 * (K / 32),
-                    level);
+    if (i1 <= i0) return;
+    const int64_t o = i0 * K, od = i0 * (K / 32);
+    if (p.b32) quantize_rows(src + o, i1 - i0, K, a32.q + o, a32.d + od, a32.s + od, level);
+    if (p.bk) quantize_rows_k(src + o, i1 - i0, K, ak.q + o, ak.d + od, ak.s + od);
   };
 #pragma omp parallel num_threads(nth)
   {
@@ -420,7 +436,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
       prep(h.data(), C, ly.p[0], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(ly.p[0], h.data(), q.data(), qd.data(), qs.data(), R, C, qkv.data(), tid, team, level);
+      product_part(ly.p[0], h.data(), a32, ak, R, C, qkv.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i) {  // every row's k, v into the cache before any row attends
@@ -453,7 +469,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
       prep(att.data(), H * D, ly.p[1], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(ly.p[1], att.data(), q.data(), qd.data(), qs.data(), R, H * D, o.data(), tid, team, level);
+      product_part(ly.p[1], att.data(), a32, ak, R, H * D, o.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i) {
@@ -463,7 +479,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
       prep(h.data(), C, ly.p[2], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(ly.p[2], h.data(), q.data(), qd.data(), qs.data(), R, C, gu.data(), tid, team, level);
+      product_part(ly.p[2], h.data(), a32, ak, R, C, gu.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i)
@@ -471,7 +487,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
       prep(h.data(), inter, ly.p[3], r0, r1);
 #pragma omp barrier
       clock.lap(ST_OTHER);
-      product_part(ly.p[3], h.data(), q.data(), qd.data(), qs.data(), R, inter, o.data(), tid, team, level);
+      product_part(ly.p[3], h.data(), a32, ak, R, inter, o.data(), tid, team, level);
 #pragma omp barrier
       clock.lap(ST_MATMUL);
       for (int64_t i = r0; i < r1; ++i)

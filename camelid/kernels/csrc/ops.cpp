@@ -55,11 +55,12 @@ static void check_x(const at::Tensor& x, int64_t K, const char* op) {
   TORCH_CHECK(K < 0 || x.size(1) == K, op, ": x has ", x.size(1), " columns, the weight ", K, " inputs");
 }
 
-// x [M, K] float32 -> (codes int8 [M, K], scales float32 [M, K/32], sums int32 [M, K/32])
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x) {
+// x [M, K] float32 -> (codes int8 [M, K], scales float32 [M, K/32], sums int32 [M, K/32]); per
+// block of 32, or with one scale per 256 (super_blocks: the K-quants' activations)
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, bool super_blocks) {
   check_x(x, -1, "camelid::quantize_act");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % 32 == 0, "camelid::quantize_act: K = ", K, " is not a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), B = super_blocks ? 256 : 32;
+  TORCH_CHECK(K % B == 0, "camelid::quantize_act: K = ", K, " is not a multiple of ", B);
   auto q = at::empty({M, K}, x.options().dtype(at::kChar));
   auto d = at::empty({M, K / 32}, x.options());
   auto s = at::empty({M, K / 32}, x.options().dtype(at::kInt));
@@ -69,7 +70,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Ten
   float* dp = d.data_ptr<float>();
   int32_t* sp = s.data_ptr<int32_t>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    quantize_rows(xp + b * K, e - b, K, qp + b * K, dp + b * (K / 32), sp + b * (K / 32), level);
+    if (super_blocks)
+      quantize_rows_k(xp + b * K, e - b, K, qp + b * K, dp + b * (K / 32), sp + b * (K / 32));
+    else
+      quantize_rows(xp + b * K, e - b, K, qp + b * K, dp + b * (K / 32), sp + b * (K / 32), level);
   });
   return {q, d, s};
 }
@@ -87,7 +91,7 @@ static at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t
   const int64_t M = x.size(0);
   auto y = at::empty({M, n}, x.options());
   if (M == 0) return y;
-  auto [q, d, s] = quantize_act(x);
+  auto [q, d, s] = quantize_act(x, k_activations(int(qtype)));
   const int level = isa();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -154,7 +158,7 @@ static int64_t set_isa_op(int64_t level) {
 }  // namespace camelid
 
 TORCH_LIBRARY(camelid, m) {
-  m.def("quantize_act(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_act(Tensor x, bool super_blocks=False) -> (Tensor, Tensor, Tensor)");
   m.def("quant_linear(Tensor x, Tensor w, int qtype, int n) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor w, int n) -> Tensor");
   m.def("quant_rows(Tensor w, int qtype, Tensor ids, int n) -> Tensor");

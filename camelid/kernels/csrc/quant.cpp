@@ -320,6 +320,35 @@ AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t*
 
 // ---------------------------------------------------------------------------------------- drivers
 
+void quantize_rows_k(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* s) {
+  const int64_t J = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < K / 256; ++b) {
+      const float* xb = x + m * K + 256 * b;
+      float amax = 0.f, peak = 0.f;
+      bool finite = true;
+      for (int i = 0; i < 256; ++i) {
+        const float ax = std::fabs(xb[i]);
+        if (ax > amax) amax = ax, peak = xb[i];
+        finite = finite && std::isfinite(xb[i]);
+      }
+      const float iscale = amax != 0.f && finite ? -127.f / peak : 0.f;
+      const float db = !finite ? NAN : amax != 0.f ? 1.f / iscale : 0.f;
+      int8_t* qb = q + m * K + 256 * b;
+      for (int j = 0; j < 8; ++j) {
+        int32_t sum = 0;
+        for (int i = 32 * j; i < 32 * j + 32; ++i) {
+          const int v = finite ? std::min(127, int(std::nearbyint(iscale * xb[i]))) : 0;
+          qb[i] = int8_t(v);
+          sum += v;
+        }
+        d[m * J + 8 * b + j] = db;
+        s[m * J + 8 * b + j] = sum;
+      }
+    }
+  }
+}
+
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* s, int level) {
   if (level >= ISA_AVX512) return quantize_rows_avx512(x, M, K, q, d, s);
   if (level >= ISA_AVX2) return quantize_rows_avx2(x, M, K, q, d, s);
