@@ -506,3 +506,34 @@ def test_every_block_type_saves_loads_as_it_is_and_saves_back_byte_for_byte(tmp_
     with torch.inference_mode():
         a, b = loaded(ids).logits, model(ids).logits
     assert (a - b).abs().max() < 0.2 * b.abs().max()  # 4- to 8-bit weights and int8 activations
+
+
+def test_a_bfloat16_model_decodes_in_the_fused_step_close_to_its_pytorch_layers(tmp_path):
+    """bfloat16 weights and cache, float32 inside the step: the PyTorch bfloat16 layers round
+    every intermediate to bfloat16 (8 bits), so the two agree to bfloat16's precision; the fused
+    step is also batch-invariant."""
+    from camelid import LlamaConfig, LlamaForCausalLM
+    from camelid.core.cache import KVCache
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and model.model.fused_decode is not None
+    ids = torch.tensor([[5, 9, 30, 2, 77, 41]])
+    steps = {}
+    for fused in (True, False):
+        saved = model.model.fused_decode
+        model.model.fused_decode = saved if fused else None
+        with torch.inference_mode():
+            cache = KVCache(model.config, 1, 16, dtype=torch.bfloat16)
+            model(ids, cache=cache, cache_position=torch.arange(6))
+            steps[fused] = model(torch.tensor([[7]]), cache=cache, cache_position=torch.tensor([6])).logits.float()
+        model.model.fused_decode = saved
+    assert (steps[True] - steps[False]).abs().max() <= 0.05 * steps[False].abs().max()
+    alone = model.generate(ids, max_new_tokens=6, do_sample=False)
+    batch = model.generate(torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0] + ids[0].tolist()]),
+                           attention_mask=torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6]), max_new_tokens=6,
+                           do_sample=False)
+    assert torch.equal(batch[1, -6:], alone[0, -6:])

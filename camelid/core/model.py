@@ -243,10 +243,11 @@ class LlamaModel(nn.Module):
             rope = self.rotary_emb(position_ids, x.dtype)
         key_start = None if output_hidden_states else self._fused_decode_rows(x, plan, cache, slots, kv_len, rope)
         if key_start is not None:  # a decode step, every layer one native call
-            B, T, C = x.shape
-            cos, sin = (t.expand(B, T, -1).reshape(B * T, -1).contiguous() for t in rope)
-            h = self.fused_decode(x.reshape(B * T, C).contiguous(), cache, slots.to(torch.long), key_start, cos, sin)
-            return self.norm(h.view(B, T, C)), None
+            B, T, C = x.shape  # float32 inside (a bfloat16 model's weights, cache and output stay bfloat16)
+            cos, sin = (t.expand(B, T, -1).reshape(B * T, -1).float().contiguous() for t in rope)
+            h = self.fused_decode(x.reshape(B * T, C).float().contiguous(), cache, slots.to(torch.long), key_start,
+                                  cos, sin)
+            return self.norm(h.view(B, T, C).to(x.dtype)), None
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -265,16 +266,17 @@ class LlamaModel(nn.Module):
 
     def _fused_decode_rows(self, x, plan, cache, slots, kv_len, rope):
         """The first key slot of each row when this call can run the layers' fused decode steps
-        (at most FUSED_QUERIES new tokens per row at the last slots, float32 on CPU, a plain
-        float32 KVCache, every query attending causally to its own row's keys, no gradient), else
+        (at most FUSED_QUERIES new tokens per row at the last slots, float32 or bfloat16 on CPU, a
+        plain KVCache of that dtype, every query attending causally to its own row's keys, no
+        gradient), else
         None: the PyTorch layers run. A prompt's prefill (slot 0 on) always runs them, whatever its
         length, so a prompt alone and in a batch are prefilled by the same code."""
         if self.fused_decode is None or torch.compiler.is_compiling():
             return None  # decided before any shape is read: tracing must not guard on T
         B, T, _ = x.shape
         if (T > FUSED_QUERIES or cache is None or type(cache).update is not KVCache.update or rope is None
-                or x.dtype != torch.float32 or x.device.type != "cpu" or self.training or torch.is_grad_enabled()
-                or slots is None or slots.numel() != T or cache.k[0].dtype != torch.float32
+                or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or self.training
+                or torch.is_grad_enabled() or slots is None or slots.numel() != T or cache.k[0].dtype != x.dtype
                 or not cache.k[0].is_contiguous()
                 or torch.compiler.is_compiling() or int(slots[0]) == 0 or int(slots[-1]) != kv_len - 1
                 or (T > 1 and not bool((slots[1:] - slots[:-1] == 1).all()))):

@@ -2,7 +2,7 @@
 
     model = fused_decode(model)   # model.model.fused_decode (camelid/kernels/csrc/layer.cpp)
 
-A decode step (a few new tokens per row, float32 activations, a float32 KVCache) then runs every
+A decode step (a few new tokens per row; a float32 or bfloat16 model and KVCache, float32 inside) then runs every
 layer in one torch.ops.camelid.decode_layers call, one OpenMP team for the whole step: RMSNorm, the q/k/v product, RoPE, the cache
 write, attention over the row's own keys, the output product and residual, RMSNorm, gate/up,
 SiLU * up, down and residual, with no Python or small torch ops in between. Measured on the
@@ -70,6 +70,8 @@ class FusedStep:
         self.layer = layer
         self.products = _products(layer)
         self.norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        self.versions = tuple(w._version for w in self.norms)
+        self.norms32 = tuple(w.detach().float() for w in self.norms)  # the same tensors when float32
         self.weights = tuple(tuple(_kind(m) for m in p) for p in self.products)  # (tensor, kind) per part
 
     def ready(self) -> bool:
@@ -81,7 +83,8 @@ class FusedStep:
         layer = self.layer._modules
         return (layer["input_layernorm"]._parameters["weight"] is self.norms[0]
                 and layer["post_attention_layernorm"]._parameters["weight"] is self.norms[1]
-                and self.norms[0].dtype == torch.float32)
+                and all(c is w or w._version == v  # a float32 copy: its source not changed in place
+                        for w, c, v in zip(self.norms, self.norms32, self.versions)))
 
 
 class FusedDecode:
@@ -96,7 +99,7 @@ class FusedDecode:
             args += [[w for w, _ in parts], [k for _, k in parts]]
             if i in (0, 2):
                 args.append([len(s.weights[i]) for s in self.steps])
-        self.args = ([s.norms[0] for s in self.steps], [s.norms[1] for s in self.steps],
+        self.args = ([s.norms32[0] for s in self.steps], [s.norms32[1] for s in self.steps],
                      model.model.layers[0].input_layernorm.variance_epsilon, *args)
         self.shape = (attn.num_heads, attn.num_kv_heads, config.intermediate_size, attn.scale)
 

@@ -292,8 +292,22 @@ struct Product {
 struct Layer {
   const float *ln1, *ln2;
   Product p[4];  // qkv, o, gate_up, down
-  float *kc, *vc;
+  void *kc, *vc;  // float32, or bfloat16 (a bfloat16 model's cache)
 };
+
+// bfloat16 <-> float32 as torch converts: round to nearest even, NaN kept quiet.
+static inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+static inline float from_bf16(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // Quantized activation rows: codes, scales and code sums per block of 32.
 struct Acts {
@@ -366,19 +380,23 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
                   sin.is_contiguous() && cos.numel() == R * D && sin.numel() == R * D,
               "camelid::decode_layers: cos/sin must be contiguous float32 [B * T, head_dim]");
   const int64_t nqkv = (H + 2 * Hkv) * D;
+  TORCH_CHECK(kc[0].scalar_type() == at::kFloat || kc[0].scalar_type() == at::kBFloat16,
+              "camelid::decode_layers: the KV cache must be float32 or bfloat16, got ", kc[0].scalar_type());
+  const bool bf16_cache = kc[0].scalar_type() == at::kBFloat16;
   std::vector<Layer> layers(L);
   int64_t iq = 0, ig = 0;  // the next q/k/v and gate/up part
   for (int64_t l = 0; l < L; ++l) {
     for (const at::Tensor* t : {&kc[l], &vc[l]})
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
-                      t->size(1) == Hkv && t->size(3) == D && t->size(2) == S,
-                  "camelid::decode_layers: layer ", l, "'s KV cache must be contiguous float32 [B, Hkv, S, D]");
+      TORCH_CHECK(t->scalar_type() == kc[0].scalar_type() && t->is_contiguous() && t->dim() == 4 &&
+                      t->size(0) == B && t->size(1) == Hkv && t->size(3) == D && t->size(2) == S,
+                  "camelid::decode_layers: layer ", l, "'s KV cache must be contiguous ", kc[0].scalar_type(),
+                  " [B, Hkv, S, D]");
     TORCH_CHECK(ln1[l].scalar_type() == at::kFloat && ln1[l].numel() == C && ln1[l].is_contiguous() &&
                     ln2[l].scalar_type() == at::kFloat && ln2[l].numel() == C && ln2[l].is_contiguous(),
                 "camelid::decode_layers: layer ", l, "'s norm weights must be float32 [C]");
     Layer& ly = layers[l];
     ly.ln1 = ln1[l].data_ptr<float>(), ly.ln2 = ln2[l].data_ptr<float>();
-    ly.kc = kc[l].data_ptr<float>(), ly.vc = vc[l].data_ptr<float>();
+    ly.kc = kc[l].data_ptr(), ly.vc = vc[l].data_ptr();
     const std::vector<int64_t> qkv_n = qkv_parts[l] == 1 ? std::vector<int64_t>{nqkv}
                                                          : std::vector<int64_t>{H * D, Hkv * D, Hkv * D};
     const std::vector<int64_t> gu_n = gu_parts[l] == 1 ? std::vector<int64_t>{2 * inter}
@@ -426,6 +444,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
     std::vector<float> sc(std::min<int64_t>(G, 16) * (last + 1));
+    std::vector<float> kf(bf16_cache ? (last + 1) * D : 0), vf(bf16_cache ? (last + 1) * D : 0);
     StageClock clock;
     clock.on = clock.on && tid == 0;
     if (clock.on) profiled_calls += 1;
@@ -444,8 +463,14 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
         float* r = qkv.data() + i * nqkv;
         for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + i * D, sn + i * D, D);  // q heads, then k
         for (int64_t j = 0; j < Hkv; ++j) {
-          std::copy_n(r + (H + j) * D, D, ly.kc + ((b * Hkv + j) * S + slot) * D);
-          std::copy_n(r + (H + Hkv + j) * D, D, ly.vc + ((b * Hkv + j) * S + slot) * D);
+          const int64_t at = ((b * Hkv + j) * S + slot) * D;
+          if (bf16_cache) {
+            uint16_t *kd = static_cast<uint16_t*>(ly.kc) + at, *vd = static_cast<uint16_t*>(ly.vc) + at;
+            for (int64_t e = 0; e < D; ++e) kd[e] = to_bf16(r[(H + j) * D + e]), vd[e] = to_bf16(r[(H + Hkv + j) * D + e]);
+          } else {
+            std::copy_n(r + (H + j) * D, D, static_cast<float*>(ly.kc) + at);
+            std::copy_n(r + (H + Hkv + j) * D, D, static_cast<float*>(ly.vc) + at);
+          }
         }
       }
 #pragma omp barrier
@@ -459,8 +484,16 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
         if (k0 > slot) {  // a row with no keys (padding only): its output is never read
           std::fill_n(y, n * D, 0.f);
         } else {
-          attend_group(level, n, qkv.data() + i * nqkv + hd * D, ly.kc + (b * Hkv + kv) * S * D,
-                       ly.vc + (b * Hkv + kv) * S * D, k0, slot, D, fs, sc.data(), y);
+          const int64_t head = (b * Hkv + kv) * S * D;
+          const float *kh, *vh;
+          if (bf16_cache) {  // this head's keys and values [k0, slot] as float32 (exact)
+            const uint16_t *ksrc = static_cast<const uint16_t*>(ly.kc) + head, *vsrc = static_cast<const uint16_t*>(ly.vc) + head;
+            for (int64_t e = k0 * D; e < (slot + 1) * D; ++e) kf[e] = from_bf16(ksrc[e]), vf[e] = from_bf16(vsrc[e]);
+            kh = kf.data(), vh = vf.data();
+          } else {
+            kh = static_cast<const float*>(ly.kc) + head, vh = static_cast<const float*>(ly.vc) + head;
+          }
+          attend_group(level, n, qkv.data() + i * nqkv + hd * D, kh, vh, k0, slot, D, fs, sc.data(), y);
         }
         ih += n;
       }
