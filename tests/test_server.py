@@ -394,3 +394,32 @@ def test_parse_tool_calls_recognises_the_usual_shapes():
 def test_bad_tool_requests(server, extra, message):
     r = post(server, CHAT, content=json.dumps({**OK_CHAT, **extra}), headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def _raw(port: int, request: bytes) -> tuple[bytes, bool]:
+    """Send raw bytes; (what came back, whether the server closed the connection after it)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(2)  # below uvicorn's 5 s keep-alive: a kept connection is still open then
+        s.sendall(request)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+            return data, True
+        except socket.timeout:
+            return data, False
+
+
+def test_a_request_with_content_length_and_transfer_encoding_is_answered_then_the_connection_closed(server):
+    """RFC 9112 6.1: both framing headers may be a smuggling attempt; respond, then close."""
+    body = json.dumps({"model": "smollm2", "prompt": "Hi", "max_tokens": 2}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n").encode()
+    chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    data, closed = _raw(server.port, head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert data.startswith(b"HTTP/1.1 ") and b"connection: close" in data.lower() and closed
+    data, closed = _raw(server.port, head + b"\r\n" + body)  # Content-Length alone: kept alive
+    assert data.startswith(b"HTTP/1.1 200") and not closed
+    assert httpx.get(server.url + "/health").status_code == 200  # and the server is still up

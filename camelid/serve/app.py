@@ -51,9 +51,14 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
         try:
             if request.url.path != "/health" and api_key is not None:
                 check_key(request, api_key)
-            return await call_next(request)
+            response = await call_next(request)
         except APIError as e:
-            return error(server, e)
+            response = error(server, e)
+        if "transfer-encoding" in request.headers and "content-length" in request.headers:
+            # RFC 9112 6.1: a request with both may be smuggling one; the server must close the
+            # connection after responding (uvicorn closes it on this header)
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
