@@ -376,7 +376,7 @@ def test_sentencepiece_tokenizer_is_converted(tmp_path):
     assert fields["tokenizer.ggml.token_type"][3:259] == [6] * 256  # byte-fallback pieces <0x00>..<0xFF>
     back = Tokenizer.from_gguf(path)
     # parse_special=False: SentencePiece never reads "</s>" in text as the control token
-    assert [back.encode(s, parse_special=False) for s in lines] == [src.encode(s) for s in lines]
+    assert [back.encode(s, parse_special=False) for s in lines] == [src.encode(s, parse_special=False) for s in lines]
 
     # `back` runs on `tokenizers` (byte-fallback BPE, as Llama 2's tokenizer.json): converting that
     # form (scores from merge ranks) gives a vocabulary that still tokenizes the same way.
@@ -387,7 +387,7 @@ def test_sentencepiece_tokenizer_is_converted(tmp_path):
     g.close()
     assert again["tokenizer.ggml.model"] == "llama" and again["tokenizer.ggml.token_type"][3:259] == [6] * 256
     again_tok = Tokenizer.from_gguf(tmp_path / "m2.gguf")
-    assert [again_tok.encode(s, parse_special=False) for s in lines] == [src.encode(s) for s in lines]
+    assert [again_tok.encode(s, parse_special=False) for s in lines] == [src.encode(s, parse_special=False) for s in lines]
 
 
 def test_a_tokenizer_gguf_cannot_reproduce_is_refused(tmp_path):

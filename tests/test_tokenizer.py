@@ -138,8 +138,31 @@ def test_sentencepiece_model_file(spm_model, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(path.read_bytes())
     tok = Tokenizer.from_pretrained(tmp_path)
     for s in CORPUS:
-        assert tok.encode(s) == [1] + sp.encode(s)  # Llama 1/2 prepend BOS
-        assert tok.decode(tok.encode(s), skip_special_tokens=True) == sp.decode(sp.encode(s))
+        assert tok.encode(s, parse_special=False) == [1] + sp.encode(s)  # Llama 1/2 prepend BOS
+        assert tok.decode(tok.encode(s, parse_special=False), skip_special_tokens=True) == sp.decode(sp.encode(s))
+
+
+def test_sentencepiece_control_token_text_is_parsed_into_the_control_ids(spm_model, tmp_path):
+    """`<s>` / `</s>` written in a text (a chat template's `{{ bos_token }}`) become the control
+    ids and each piece between is encoded on its own, as transformers' legacy LlamaTokenizer
+    defines it (its slow tokenizer in the installed transformers encodes nothing of this model, so
+    the pieces are checked against SentencePiece itself)."""
+    import re
+
+    path, sp = spm_model
+    (tmp_path / "tokenizer.model").write_bytes(path.read_bytes())
+    tok = Tokenizer.from_pretrained(tmp_path)
+    texts = ["<s>[INST] hi there [/INST] fine</s><s>[INST] and you? [/INST]", "a</s>b", "</s>", "x <s> y",
+             "<unk>?", *[s for s in CORPUS if "<" in s][:20]]
+    for text in texts:
+        want = [1]
+        for k, part in enumerate(re.split("(<unk>|</s>|<s>)", text)):
+            want += [{"<unk>": 0, "<s>": 1, "</s>": 2}[part]] if k % 2 else sp.encode(part) if part else []
+        assert tok.encode(text) == (want[1:] if want[1:2] == [1] else want), text
+    assert tok.encode("a</s>b")[2] == 2 and 2 not in tok.encode("a</s>b", parse_special=False)
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], chat_template=template)
+    assert ids[0] == 1 and ids[-1] == 2 and ids.count(1) == 1  # the template's specials, not spelled out
 
 
 def test_gguf_llama_spm_vocab_matches_sentencepiece(spm_model):

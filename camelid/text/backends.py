@@ -10,6 +10,8 @@ token_to_id, id_to_token, vocab_size, special_ids. camelid.text.tokenizer.Tokeni
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 from camelid.formats.tokenizer_model import (LLAMA3_PATTERN, LLAMA3_SPECIAL, is_tiktoken, llama3_special_ids,
@@ -47,9 +49,24 @@ class SentencePiece:
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size()
         self.special_ids = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        pieces = {self.sp.id_to_piece(i): i for i in self.special_ids if self.sp.id_to_piece(i)}
+        self.special_pieces = pieces
+        # control-token text ("<s>", "</s>") in a text to parse: split on it, longest first
+        self._specials = re.compile("(" + "|".join(map(re.escape, sorted(pieces, key=len, reverse=True))) + ")") \
+            if pieces else None
 
     def encode(self, text: str, parse_special: bool = True) -> list[int]:
-        return self.sp.encode(text)  # SentencePiece never parses control-token text
+        """SentencePiece itself never reads control-token text; as transformers' LlamaTokenizer,
+        parse_special splits the text on it and encodes each piece between on its own."""
+        if not parse_special or self._specials is None:
+            return self.sp.encode(text)
+        ids = []
+        for k, part in enumerate(self._specials.split(text)):
+            if k % 2:
+                ids.append(self.special_pieces[part])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
         ids = [i for i in ids if not (skip_special and i in self.special_ids)]
