@@ -285,3 +285,25 @@ def test_a_resave_killed_between_its_renames_then_a_resume_matches_an_unkilled_r
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_full_disk_says_no_space_left_and_keeps_nothing_of_the_checkpoint(tmp_path):
+    """A real full disk (a 256 KiB tmpfs): torch.save's '[enforce fail at inline_container.cc]'
+    becomes OSError(ENOSPC) naming the checkpoint; no temp folder is left, the old one stays."""
+    import errno
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        with checkpoints.writing(disk, 1) as tmp:
+            torch.save(torch.zeros(8), tmp / "small.pt")  # fits
+        with pytest.raises(OSError, match="no space left on device writing checkpoint-0*2 ") as info:
+            with checkpoints.writing(disk, 2) as tmp:
+                torch.save(torch.zeros(1 << 20), tmp / "big.pt")  # 4 MiB: does not
+        assert info.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in disk.iterdir()) == [checkpoints.checkpoint_dir(disk, 1).name]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # -l: a failed writer may hold a handle

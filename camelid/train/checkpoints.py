@@ -25,6 +25,7 @@ waits for all of them. rng.pt (rng-<rank>.pt under FSDP) holds the torch and CUD
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -107,6 +108,20 @@ def fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC, or a torch.save failure (its C++ writer says
+    "[enforce fail at inline_container.cc] ...", "iostream error", "file write failed", never why)
+    with under 1 MiB left where it wrote."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    if isinstance(e, (RuntimeError, OSError)):
+        try:
+            return shutil.disk_usage(where).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
 @contextmanager
 def writing(out, step: int):
     """`with writing(out, step) as tmp:` write the checkpoint's files into `tmp`; on a clean exit
@@ -125,10 +140,15 @@ def writing(out, step: int):
             os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(out)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, out)
         if old is not None and not final.exists():
             os.rename(old, final)  # the swap failed half-way: the old checkpoint goes back
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on device writing {final.name} into {out} (nothing of it "
+                                        f"was kept; free some space, or keep fewer checkpoints with "
+                                        f"save_total_limit)") from e
         raise
     if old is not None:
         _remove(old)  # checkpoint-N is in place: the old copy is no longer needed
