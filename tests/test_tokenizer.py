@@ -239,3 +239,29 @@ def test_gguf_vocab_errors():
     with pytest.raises(ValueError, match="bos_token_id 7 is outside"):
         Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"],
                              "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 7})
+
+
+def test_incremental_decoder_is_linear_and_exact_on_invalid_utf8(smollm2_tokenizer):
+    """3,000 lone continuation bytes (issue 19.12): every add re-decoded the whole run (4.5M ids).
+    Now the decoded window stays short, and the pieces still join to the whole decode, also for
+    random mixes of valid multi-byte characters and stray bytes."""
+    import random
+
+    t = smollm2_tokenizer
+    byte_ids = [t.encode(ch, add_special_tokens=False) for ch in ("é", "😀")]
+    stray = t.convert_tokens_to_ids("\u00a9")  # the byte-level piece of the lone byte 0xA9 (a continuation byte)
+    assert t.decode([stray]) == "\ufffd"
+    calls = []
+    decode = t.decode
+    counting = type("Counting", (), {"decode": lambda self, ids, skip=False: calls.append(len(ids)) or decode(ids, skip)})()
+    dec = IncrementalDecoder(counting)
+    pieces = [dec.add(stray) for _ in range(3000)] + [dec.flush()]
+    assert "".join(pieces) == t.decode([stray] * 3000) and sum(calls) < 60 * 3000
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = []
+        for _ in range(rng.randrange(1, 30)):
+            ids += rng.choice([[stray], [stray] * rng.randrange(1, 12), *byte_ids, t.encode("ab", add_special_tokens=False)])
+        dec = IncrementalDecoder(t)
+        got = [dec.add(i) for i in ids] + [dec.flush()]
+        assert "".join(got) == t.decode(ids, skip_special_tokens=True), ids

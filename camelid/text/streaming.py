@@ -25,15 +25,33 @@ class IncrementalDecoder:
         self.prefix_offset = 0  # ids before this are settled context
         self.read_offset = 0  # text of ids[prefix_offset:read_offset] was already emitted
 
+    WAIT = 8  # pending tokens after which a trailing U+FFFD is settled up to the last few tokens
+
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
         full = decode(self.ids[self.prefix_offset:], self.skip)
+        if full.endswith("\ufffd") and len(self.ids) - self.read_offset >= self.WAIT:
+            return self._settle(prefix, full)
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""  # an incomplete character: wait for the next token
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix):]
+
+    def _settle(self, prefix: str, full: str) -> str:
+        """Invalid bytes that never complete (a run of lone continuation bytes) would otherwise be
+        waited on forever, every token re-decoding the whole run. A character still incomplete
+        began in the last 3 tokens (UTF-8 has at most 4 bytes, a token at least 1), so the text
+        before a cut a few tokens back is final where it agrees with the whole decode: emit it
+        and cut there, keeping the window short."""
+        n = len(self.ids)
+        for cut in range(n - 3, max(self.read_offset, n - 7), -1):
+            head = self.tokenizer.decode(self.ids[self.prefix_offset:cut], self.skip)
+            if len(head) > len(prefix) and full.startswith(head):
+                self.prefix_offset, self.read_offset = self.read_offset, cut
+                return head[len(prefix):]
+        return ""
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character decodes to U+FFFD)."""
