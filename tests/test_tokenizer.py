@@ -265,3 +265,20 @@ def test_incremental_decoder_is_linear_and_exact_on_invalid_utf8(smollm2_tokeniz
         dec = IncrementalDecoder(t)
         got = [dec.add(i) for i in ids] + [dec.flush()]
         assert "".join(got) == t.decode(ids, skip_special_tokens=True), ids
+
+
+@pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("llama3", True), ("default", False)])
+def test_a_llama3_gguf_vocabulary_ignores_merges_and_adds_bos_by_default(pre, whole, tmp_path):
+    """llama.cpp's Llama 3 pre-tokenizers (and Llama 3's tokenizer.json) set ignore_merges: a word
+    that is itself a vocabulary token is that token, even where the merges cannot build it (588 of
+    Llama 3's tokens; 'Cửa Việt' tokenized as llama.cpp does). Such a file also adds BOS when it does
+    not say, and save_pretrained keeps the flag."""
+    tokens = ["a", "b", "c", "ab", "abc", "<|begin_of_text|>"]
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+              "tokenizer.ggml.token_type": [1, 1, 1, 1, 1, 3], "tokenizer.ggml.merges": ["a b"],
+              "tokenizer.ggml.bos_token_id": 5}
+    tok = Tokenizer.from_gguf(fields)
+    assert tok.encode("abc", add_special_tokens=False) == ([4] if whole else [3, 2])
+    assert tok.add_bos_token is whole and tok.encode("abc")[:1] == ([5] if whole else [3])
+    saved = Tokenizer.from_pretrained(tok.save_pretrained(tmp_path))
+    assert saved.encode("abc", add_special_tokens=False) == tok.encode("abc", add_special_tokens=False)

@@ -43,6 +43,9 @@ GGUF_PRE = {
 }
 
 
+LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")  # llama.cpp's names of Llama 3's pre-tokenizer
+
+
 def gguf_tokenizer_backend(fields: dict):
     """Build a `tokenizers` backend from a GGUF file's tokenizer.ggml.* metadata."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -58,8 +61,10 @@ def gguf_tokenizer_backend(fields: dict):
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
-        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         pre = fields.get("tokenizer.ggml.pre", "default")
+        # Llama 3: a word that is a vocabulary token is that token, merges or not (llama.cpp sets
+        # ignore_merges for these pre-tokenizers; Llama 3's tokenizer.json says so too)
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in LLAMA3_PRE))
         if pre not in GGUF_PRE:
             raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {sorted(GGUF_PRE)}")
         splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in GGUF_PRE[pre]]

@@ -24,7 +24,7 @@ import torch
 
 from camelid.text.backends import HFTokenizers, SentencePiece, Tiktoken, tokenizer_model
 from camelid.text.chat_template import named_templates, pick_template, render_chat
-from camelid.text.gguf_vocab import gguf_tokenizer_backend
+from camelid.text.gguf_vocab import LLAMA3_PRE, gguf_tokenizer_backend
 
 # ---------------------------------------------------------------------- the tokenizer
 
@@ -141,9 +141,11 @@ class Tokenizer:
             return tokens[i]
 
         kind = fields.get("tokenizer.ggml.model")
+        # BOS by default for SentencePiece vocabularies and Llama 3's, as llama.cpp does
+        bos_default = kind == "llama" or fields.get("tokenizer.ggml.pre") in LLAMA3_PRE
         tokenizer = cls(backend, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    pad_token=tok("padding_token_id"), unk_token=tok("unknown_token_id"),
-                   add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+                   add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", bos_default)),
                    add_eos_token=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
                    chat_template=fields.get("tokenizer.chat_template"),
                    extra_eos_token_ids=[fields.get("tokenizer.ggml.eot_token_id"),
