@@ -37,7 +37,7 @@ import torch
 
 from camelid.kernels import kquants
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "quant.cpp", "kquant.cpp", "amx.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kernels.h", "codes.h", "quant.cpp", "kquant.cpp", "amx.cpp", "dense.cpp", "layer.cpp", "ops.cpp")]
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-Wno-maybe-uninitialized"]
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: at run time the copy torch has loaded already
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512", 3: "amx"}

@@ -10,6 +10,7 @@
 // output rows: byte 4n + i = input 4g + i of row n. That is the tiles' own layout (kernels.h): Q8_0
 // loads straight from the weights, Q4 / Q5 unpack their nibbles (and fifth bits) once per call.
 #include "kernels.h"
+#include "codes.h"
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -57,24 +58,9 @@ AMX_TARGET static void configure(int mr) {
 // One block's codes as the 8 B-tile rows (Q4 / Q5): as quant.cpp's AVX-512 unpacking.
 template <int QT>
 AMX_TARGET static void unpack(const uint8_t* codes, uint8_t* out) {
-  const __m512i m4 = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
   __m512i wv[8];
-  for (int c = 0; c < 4; ++c) {
-    const __m512i x = _mm512_loadu_si512(codes + 64 * c);
-    wv[c] = _mm512_and_si512(x, m4);
-    wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-  }
-  if (QT == Q5_0 || QT == Q5_1) {
-    const __m512i x = _mm512_loadu_si512(codes + 256);
-    wv[0] = _mm512_or_si512(wv[0], _mm512_and_si512(_mm512_slli_epi16(x, 4), bit4));
-    wv[1] = _mm512_or_si512(wv[1], _mm512_and_si512(_mm512_slli_epi16(x, 3), bit4));
-    wv[2] = _mm512_or_si512(wv[2], _mm512_and_si512(_mm512_slli_epi16(x, 2), bit4));
-    wv[3] = _mm512_or_si512(wv[3], _mm512_and_si512(_mm512_slli_epi16(x, 1), bit4));
-    wv[4] = _mm512_or_si512(wv[4], _mm512_and_si512(x, bit4));
-    wv[5] = _mm512_or_si512(wv[5], _mm512_and_si512(_mm512_srli_epi16(x, 1), bit4));
-    wv[6] = _mm512_or_si512(wv[6], _mm512_and_si512(_mm512_srli_epi16(x, 2), bit4));
-    wv[7] = _mm512_or_si512(wv[7], _mm512_and_si512(_mm512_srli_epi16(x, 3), bit4));
-  }
+  nibbles_avx512(codes, wv);
+  if (five_bit(QT)) fifth_bits_avx512(codes + 256, wv);
   if (corr_of(QT)) {  // Q4_0 / Q5_0: the signed codes q - 8 / q - 16, so the dot needs no correction
     const __m512i c = _mm512_set1_epi8(char(corr_of(QT)));
     for (int g = 0; g < 8; ++g) wv[g] = _mm512_sub_epi8(wv[g], c);

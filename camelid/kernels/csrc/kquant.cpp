@@ -9,6 +9,7 @@
 // codes over the block (its halves). d * sc and dmin * mn are exact in float32 (11 + 8 bits). Every
 // path does exactly this, so they agree to the bit, at any batch size.
 #include "kernels.h"
+#include "codes.h"
 
 #include <immintrin.h>
 
@@ -93,16 +94,6 @@ static void kgemm_scalar(int qtype, const uint8_t* w, int64_t S, int64_t t0, int
 
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
-// 8 rows (half h of the tile): the codes of a 32-block as 8 vectors of 4-input groups.
-AVX2_TARGET static inline void nibbles_avx2(const uint8_t* codes, int h, __m256i* wv) {
-  const __m256i m4 = _mm256_set1_epi8(0x0f);
-  for (int c = 0; c < 4; ++c) {
-    const __m256i x = _mm256_loadu_si256((const __m256i*)(codes + 64 * c + 32 * h));
-    wv[c] = _mm256_and_si256(x, m4);
-    wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
-  }
-}
-
 AVX2_TARGET static inline void q6_codes_avx2(const uint8_t* block, int h, __m256i* wv) {
   nibbles_avx2(block, h, wv);
   const __m256i m = _mm256_set1_epi8(0x30);
@@ -180,15 +171,6 @@ AVX2_TARGET static void ktile_avx2(const uint8_t* w, int64_t S, const int8_t* q,
 // ---------------------------------------------------------------------------------------- AVX-512
 
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
-
-AVX512_TARGET static inline void nibbles_avx512(const uint8_t* codes, __m512i* wv) {
-  const __m512i m4 = _mm512_set1_epi8(0x0f);
-  for (int c = 0; c < 4; ++c) {
-    const __m512i x = _mm512_loadu_si512(codes + 64 * c);
-    wv[c] = _mm512_and_si512(x, m4);
-    wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-  }
-}
 
 AVX512_TARGET static inline __m512i dot4_avx512(const __m512i* wv, const int32_t* a, int g0) {
   __m512i acc0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[g0], _mm512_set1_epi32(a[g0]));

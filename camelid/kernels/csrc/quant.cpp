@@ -8,6 +8,7 @@
 // they agree to the bit (see kernels.h). The layout is llama.cpp-like in spirit (rows interleaved
 // so that one broadcast activation word feeds 16 rows: no horizontal sums), our own in detail.
 #include "kernels.h"
+#include "codes.h"
 
 #include <immintrin.h>
 
@@ -172,7 +173,7 @@ template <int QT, int MR>
 AVX2_TARGET static void tile_avx2(const uint8_t* w, int64_t J, const int8_t* q, const float* d, const int32_t* s,
                                   int64_t K, float* y, int64_t ldy, int nvalid) {
   constexpr int BB = bb_of(QT), HDR = hdr_of(QT), CORR = corr_of(QT);
-  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), bit4 = _mm256_set1_epi8(0x10);
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
@@ -185,22 +186,8 @@ AVX2_TARGET static void tile_avx2(const uint8_t* w, int64_t J, const int8_t* q, 
       if (QT == Q8_0) {
         for (int g = 0; g < 8; ++g) wv[g] = _mm256_loadu_si256((const __m256i*)(b + HDR + 64 * g + 32 * h));
       } else {
-        for (int c = 0; c < 4; ++c) {
-          const __m256i x = _mm256_loadu_si256((const __m256i*)(b + HDR + 64 * c + 32 * h));
-          wv[c] = _mm256_and_si256(x, m4);
-          wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
-        }
-        if (five_bit(QT)) {  // bit g of the plane is group g's fifth bit: move it to bit 4
-          const __m256i x = _mm256_loadu_si256((const __m256i*)(b + HDR + 256 + 32 * h));
-          wv[0] = _mm256_or_si256(wv[0], _mm256_and_si256(_mm256_slli_epi16(x, 4), bit4));
-          wv[1] = _mm256_or_si256(wv[1], _mm256_and_si256(_mm256_slli_epi16(x, 3), bit4));
-          wv[2] = _mm256_or_si256(wv[2], _mm256_and_si256(_mm256_slli_epi16(x, 2), bit4));
-          wv[3] = _mm256_or_si256(wv[3], _mm256_and_si256(_mm256_slli_epi16(x, 1), bit4));
-          wv[4] = _mm256_or_si256(wv[4], _mm256_and_si256(x, bit4));
-          wv[5] = _mm256_or_si256(wv[5], _mm256_and_si256(_mm256_srli_epi16(x, 1), bit4));
-          wv[6] = _mm256_or_si256(wv[6], _mm256_and_si256(_mm256_srli_epi16(x, 2), bit4));
-          wv[7] = _mm256_or_si256(wv[7], _mm256_and_si256(_mm256_srli_epi16(x, 3), bit4));
-        }
+        nibbles_avx2(b + HDR, h, wv);
+        if (five_bit(QT)) fifth_bits_avx2(b + HDR + 256, h, wv);
       }
       for (int r = 0; r < MR; ++r) {
         const int32_t* a = (const int32_t*)(q + r * K + 32 * j);
@@ -270,7 +257,7 @@ template <int QT, int MR>
 AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t* q, const float* d,
                                       const int32_t* s, int64_t K, float* y, int64_t ldy, int nvalid) {
   constexpr int BB = bb_of(QT), HDR = hdr_of(QT), CORR = QT == Q8_0 ? 128 : corr_of(QT);
-  const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80)), bit4 = _mm512_set1_epi8(0x10);
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
@@ -282,22 +269,8 @@ AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t*
     if (QT == Q8_0) {  // w + 128 as unsigned; the dot then carries 128 * sa, taken off below
       for (int g = 0; g < 8; ++g) wv[g] = _mm512_xor_si512(_mm512_loadu_si512(b + HDR + 64 * g), flip);
     } else {
-      for (int c = 0; c < 4; ++c) {
-        const __m512i x = _mm512_loadu_si512(b + HDR + 64 * c);
-        wv[c] = _mm512_and_si512(x, m4);
-        wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-      }
-      if (five_bit(QT)) {  // bit g of the plane is group g's fifth bit: move it to bit 4
-        const __m512i x = _mm512_loadu_si512(b + HDR + 256);
-        wv[0] = _mm512_or_si512(wv[0], _mm512_and_si512(_mm512_slli_epi16(x, 4), bit4));
-        wv[1] = _mm512_or_si512(wv[1], _mm512_and_si512(_mm512_slli_epi16(x, 3), bit4));
-        wv[2] = _mm512_or_si512(wv[2], _mm512_and_si512(_mm512_slli_epi16(x, 2), bit4));
-        wv[3] = _mm512_or_si512(wv[3], _mm512_and_si512(_mm512_slli_epi16(x, 1), bit4));
-        wv[4] = _mm512_or_si512(wv[4], _mm512_and_si512(x, bit4));
-        wv[5] = _mm512_or_si512(wv[5], _mm512_and_si512(_mm512_srli_epi16(x, 1), bit4));
-        wv[6] = _mm512_or_si512(wv[6], _mm512_and_si512(_mm512_srli_epi16(x, 2), bit4));
-        wv[7] = _mm512_or_si512(wv[7], _mm512_and_si512(_mm512_srli_epi16(x, 3), bit4));
-      }
+      nibbles_avx512(b + HDR, wv);
+      if (five_bit(QT)) fifth_bits_avx512(b + HDR + 256, wv);
     }
     for (int r = 0; r < MR; ++r) {
       const int32_t* a = (const int32_t*)(q + r * K + 32 * j);
