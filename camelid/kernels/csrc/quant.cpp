@@ -13,8 +13,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace camelid {
 
@@ -253,20 +256,32 @@ AVX512_TARGET static void quantize_rows_avx512(const float* x, int64_t M, int64_
   }
 }
 
+// MR activation rows x one tile. The integer sum of a row's block starts at the code offset's
+// term (-CORR sa: exact, the same integer as subtracting it after), and the per-row block terms
+// are read from memory as broadcasts (`c`: -CORR sa, `dsa`: da * float(sa), made once per call by
+// the driver), so the loop's vector ports do the dot products and three float ops per row. One
+// dependency chain per row from 4 rows (8 chains hide vpdpbusd's latency), two below.
+#ifndef PREFETCH
+#define PREFETCH 8
+#endif
 template <int QT, int MR>
 AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t* q, const float* d,
-                                      const int32_t* s, int64_t K, float* y, int64_t ldy, int nvalid) {
+                                      const int32_t* c, const float* dsa, int64_t K, float* y, int64_t ldy,
+                                      int nvalid) {
   constexpr int BB = bb_of(QT), HDR = hdr_of(QT), CORR = QT == Q8_0 ? 128 : corr_of(QT);
+  constexpr bool TWO = MR <= 2;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
     const uint8_t* b = w + j * BB;
+    if (MR >= 1)  // compute-bound here: fetch ahead, so the weights stream while the dots run
+      for (int l = 0; l < BB; l += 64) _mm_prefetch((const char*)(b + PREFETCH * BB + l), _MM_HINT_T0);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)b));
     __m512 mw = _mm512_setzero_ps();
     if (has_min(QT)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
     __m512i wv[8];
-    if (QT == Q8_0) {  // w + 128 as unsigned; the dot then carries 128 * sa, taken off below
+    if (QT == Q8_0) {  // w + 128 as unsigned; the dot then carries 128 * sa, taken off by c
       for (int g = 0; g < 8; ++g) wv[g] = _mm512_xor_si512(_mm512_loadu_si512(b + HDR + 64 * g), flip);
     } else {
       nibbles_avx512(b + HDR, wv);
@@ -274,17 +289,19 @@ AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t*
     }
     for (int r = 0; r < MR; ++r) {
       const int32_t* a = (const int32_t*)(q + r * K + 32 * j);
-      __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
-      for (int g = 0; g < 8; g += 2) {
-        acc0 = _mm512_dpbusd_epi32(acc0, wv[g], _mm512_set1_epi32(a[g]));
-        acc1 = _mm512_dpbusd_epi32(acc1, wv[g + 1], _mm512_set1_epi32(a[g + 1]));
+      __m512i si = CORR ? _mm512_set1_epi32(c[r * J + j]) : _mm512_setzero_si512();
+      if (TWO) {
+        __m512i s1 = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g += 2) {
+          si = _mm512_dpbusd_epi32(si, wv[g], _mm512_set1_epi32(a[g]));
+          s1 = _mm512_dpbusd_epi32(s1, wv[g + 1], _mm512_set1_epi32(a[g + 1]));
+        }
+        si = _mm512_add_epi32(si, s1);
+      } else {
+        for (int g = 0; g < 8; ++g) si = _mm512_dpbusd_epi32(si, wv[g], _mm512_set1_epi32(a[g]));
       }
-      __m512i si = _mm512_add_epi32(acc0, acc1);
-      const float da = d[r * J + j];
-      const int32_t sa = s[r * J + j];
-      if (CORR) si = _mm512_sub_epi32(si, _mm512_set1_epi32(CORR * sa));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dw, _mm512_set1_ps(da)), acc[r]);
-      if (has_min(QT)) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * float(sa)), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dw, _mm512_set1_ps(d[r * J + j])), acc[r]);
+      if (has_min(QT)) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsa[r * J + j]), acc[r]);
     }
   }
   const __mmask16 keep = nvalid >= 16 ? __mmask16(0xffff) : __mmask16((1u << nvalid) - 1);
@@ -330,21 +347,41 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, in
 
 using Tile = void (*)(const uint8_t*, int64_t, const int8_t*, const float*, const int32_t*, int64_t, float*, int64_t,
                      int);
+using Tile512 = void (*)(const uint8_t*, int64_t, const int8_t*, const float*, const int32_t*, const float*, int64_t,
+                        float*, int64_t, int);
+
+template <int QT, int... MR>
+static constexpr std::array<Tile512, sizeof...(MR) + 1> wide_tiles(std::integer_sequence<int, MR...>) {
+  return {nullptr, tile_avx512<QT, MR + 1>...};
+}
 
 template <int QT>
 static void qgemm_simd(const uint8_t* w, int64_t J, int64_t t0, int64_t t1, int64_t N, const int8_t* q,
                        const float* d, const int32_t* s, int64_t M, float* y, int64_t ldy, int level) {
-  constexpr int BB = bb_of(QT);
-  static const Tile wide[] = {nullptr, tile_avx512<QT, 1>, tile_avx512<QT, 2>, tile_avx512<QT, 3>, tile_avx512<QT, 4>};
-  static const Tile narrow[] = {nullptr, tile_avx2<QT, 1>, tile_avx2<QT, 2>};
-  const Tile* fns = level >= ISA_AVX512 ? wide : narrow;
-  const int maxmr = level >= ISA_AVX512 ? 4 : 2;
+  constexpr int BB = bb_of(QT), CORR = QT == Q8_0 ? 128 : corr_of(QT);
   if (level >= ISA_AMX && M >= amx_rows(QT)) return qgemm_amx(QT, w, J, t0, t1, N, q, d, s, M, y, ldy);
   const int64_t K = 32 * J;
+  if (level >= ISA_AVX512) {
+    static constexpr auto wide = wide_tiles<QT>(std::make_integer_sequence<int, 8>());
+    thread_local std::vector<int32_t> c;
+    thread_local std::vector<float> dsa;
+    c.resize(M * J);
+    dsa.resize(M * J);
+    for (int64_t i = 0; i < M * J; ++i) c[i] = -CORR * s[i], dsa[i] = d[i] * float(s[i]);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
+      for_row_steps(M, 8, [&](int64_t m, int mr) {
+        wide[mr](w + t * J * BB, J, q + m * K, d + m * J, c.data() + m * J, dsa.data() + m * J, K,
+                 y + m * ldy + TILE * t, ldy, nvalid);
+      });
+    }
+    return;
+  }
+  static const Tile narrow[] = {nullptr, tile_avx2<QT, 1>, tile_avx2<QT, 2>};
   for (int64_t t = t0; t < t1; ++t) {
     const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
-    for_row_steps(M, maxmr, [&](int64_t m, int mr) {
-      fns[mr](w + t * J * BB, J, q + m * K, d + m * J, s + m * J, K, y + m * ldy + TILE * t, ldy, nvalid);
+    for_row_steps(M, 2, [&](int64_t m, int mr) {
+      narrow[mr](w + t * J * BB, J, q + m * K, d + m * J, s + m * J, K, y + m * ldy + TILE * t, ldy, nvalid);
     });
   }
 }
