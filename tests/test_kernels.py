@@ -537,3 +537,28 @@ def test_a_bfloat16_model_decodes_in_the_fused_step_close_to_its_pytorch_layers(
                            attention_mask=torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6]), max_new_tokens=6,
                            do_sample=False)
     assert torch.equal(batch[1, -6:], alone[0, -6:])
+
+
+@pytest.mark.parametrize("isa", isas())
+def test_argmax_is_torchs_on_ties_nan_and_odd_widths(isa):
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randn(5, n, generator=g) for n in (1, 7, 16, 17, 49152, 49155)]
+    tie = torch.zeros(4, 100)
+    tie[0, [3, 40, 77]] = 2.0  # equal maxima in different lanes and chunks: the first wins
+    tie[1, [99, 98]] = 1.0  # in the tail
+    tie[2] = -torch.inf  # nothing but -inf: index 0
+    tie[3, [5, 21]] = torch.tensor([-0.0, 0.0]) + 3.0
+    rows.append(tie)
+    nan = torch.randn(4, 50000, generator=g)
+    nan[0, 12345] = torch.nan  # a NaN wins, as in torch
+    nan[1, [49999, 20]] = torch.nan  # the first NaN
+    nan[2, 3] = torch.nan
+    nan[3, 49990] = torch.nan  # in the tail past the last full 16
+    rows.append(nan)
+    with K.forced_isa(isa):
+        for x in rows:
+            assert torch.equal(K.argmax(x), x.argmax(-1)), (isa, x.shape)
+    x = torch.randn(3, 2, 33, generator=g)  # any leading shape; other dtypes go to torch
+    assert torch.equal(K.argmax(x), x.argmax(-1))
+    assert torch.equal(K.argmax(x.bfloat16()), x.bfloat16().argmax(-1))
+    assert torch.equal(K.argmax(x[..., ::2]), x[..., ::2].argmax(-1))

@@ -42,6 +42,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from camelid import kernels
+
 Processor = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (logits, tokens, mask, n_prompt)
 Sampler = Callable[[Tensor, "torch.Generator | None"], Tensor]
 
@@ -362,7 +364,7 @@ def make_logits_processor(params: SamplingParams, vocab_size: int) -> Processor:
 def make_sampler(params: SamplingParams) -> Sampler:
     """fn(processed logits [B, V], generator) -> next tokens long [B]."""
     if params.greedy:
-        return lambda logits, generator=None: logits.argmax(-1)  # ties: the lowest id
+        return lambda logits, generator=None: kernels.argmax(logits)  # ties: the lowest id, as torch
 
     def sample(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = logits.float().softmax(-1)

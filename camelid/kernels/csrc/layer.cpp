@@ -180,6 +180,7 @@ AVX512_TARGET static void weigh_values(const float* p, const float* vb, int64_t 
   for (int i = 0; i < DV; ++i) acc[i] = _mm512_setzero_ps();
   float sum = 0.f;
   for (int64_t t = k0; t <= k1; ++t) {
+    for (int l = 0; l < DV; l += 4) _mm_prefetch((const char*)(vb + (t + 8) * D + 16 * l), _MM_HINT_T0);
     sum = sum + p[t];
     const __m512 w = _mm512_set1_ps(p[t]);
     for (int i = 0; i < DV; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(w, _mm512_loadu_ps(vb + t * D + 16 * i)));
@@ -209,6 +210,7 @@ AVX512_TARGET static void attend_group_avx512(int n, const float* q, const float
   for (int h = 0; h < n; ++h) mx[h] = -INFINITY;
   for (int64_t s = k0; s <= k1; ++s) {
     const float* k = kb + s * D;
+    for (int64_t l = 0; l < D; l += 16) _mm_prefetch((const char*)(k + 8 * D + l), _MM_HINT_T0);
     for (int h = 0; h < n; ++h) {
       const float* qh = q + h * D;
       __m512 p = _mm512_setzero_ps();

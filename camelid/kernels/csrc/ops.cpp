@@ -7,7 +7,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -148,6 +151,64 @@ static at::Tensor quant_rows(const at::Tensor& w, int64_t qtype, const at::Tenso
   return out;
 }
 
+// Greedy decoding's pick: the index of each row's largest value, as torch.argmax has it (the first
+// of equal maxima; a row holding NaN: its first NaN), 16 lanes at a time. torch's own CPU argmax
+// takes 60 us for one 49152-wide row here (0.33 ms for 8), more than a layer's products.
+static int64_t argmax_row_portable(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+__attribute__((target("avx512f"))) static int64_t argmax_row_avx512(const float* x, int64_t n) {
+  const int64_t n16 = n / 16 * 16;
+  if (n16 == 0) return argmax_row_portable(x, n);
+  __m512 vmax = _mm512_loadu_ps(x);
+  __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), idx = vidx;
+  const __m512i step = _mm512_set1_epi32(16);
+  __mmask16 nan = _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+  for (int64_t i = 16; i < n16 && !nan; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    idx = _mm512_add_epi32(idx, step);
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);  // strictly: a lane keeps its first
+    vmax = _mm512_mask_blend_ps(gt, vmax, v);
+    vidx = _mm512_mask_blend_epi32(gt, vidx, idx);
+    nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  if (nan) return argmax_row_portable(x, n);  // the first NaN (rare: the plain loop finds it)
+  alignas(64) float mv[16];
+  alignas(64) int32_t mi[16];
+  _mm512_store_ps(mv, vmax);
+  _mm512_store_si512(mi, vidx);
+  int64_t best = mi[0];
+  for (int l = 1; l < 16; ++l)
+    if (mv[l] > x[best] || (mv[l] == x[best] && mi[l] < best)) best = mi[l];
+  for (int64_t i = n16; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+static at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+                  x.size(1) > 0 && x.size(1) < (int64_t(1) << 31),
+              "camelid::argmax: x must be a contiguous float32 CPU matrix [M, N], 0 < N < 2^31, got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), N = x.size(1);
+  auto out = at::empty({M}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const bool wide = isa() >= ISA_AVX512;
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) op[m] = wide ? argmax_row_avx512(xp + m * N, N) : argmax_row_portable(xp + m * N, N);
+  });
+  return out;
+}
+
 static int64_t isa_op() { return isa(); }
 static int64_t best_isa_op() { return best_isa(); }
 static int64_t set_isa_op(int64_t level) {
@@ -162,6 +223,7 @@ TORCH_LIBRARY(camelid, m) {
   m.def("quant_linear(Tensor x, Tensor w, int qtype, int n) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor w, int n) -> Tensor");
   m.def("quant_rows(Tensor w, int qtype, Tensor ids, int n) -> Tensor");
+  m.def("argmax(Tensor x) -> Tensor");
   m.def("isa() -> int", &camelid::isa_op);
   m.def("best_isa() -> int", &camelid::best_isa_op);
   m.def("set_isa(int level) -> int", &camelid::set_isa_op);
@@ -172,4 +234,5 @@ TORCH_LIBRARY_IMPL(camelid, CPU, m) {
   m.impl("quant_linear", &camelid::quant_linear);
   m.impl("dense_linear", &camelid::dense_linear);
   m.impl("quant_rows", &camelid::quant_rows);
+  m.impl("argmax", &camelid::argmax_rows);
 }
