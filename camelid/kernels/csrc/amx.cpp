@@ -73,18 +73,20 @@ template <int QT>
 constexpr bool signed_codes() { return QT == Q8_0 || corr_of(QT) != 0; }
 
 // The AVX-512 path's float32 epilogue for block j of MR rows, from the block's integer sums.
+// dsa: da * float(sa) per row and block (the driver's, so the loop broadcasts it from memory).
+// The weights of block j + 8 are fetched meanwhile: the tile loads would otherwise wait on them.
 template <int QT, int MR>
-AMX_TARGET static inline void epilogue(const uint8_t* b, const int32_t* sums, const float* d, const int32_t* s,
+AMX_TARGET static inline void epilogue(const uint8_t* b, const int32_t* sums, const float* d, const float* dsa,
                                        int64_t J, int64_t j, __m512* acc) {
+  if (QT == Q8_0)  // (the other formats' codes were read by unpack)
+    for (int l = 0; l < bb_of(QT); l += 64) _mm_prefetch((const char*)(b + 8 * bb_of(QT) + l), _MM_HINT_T0);
   const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)b));
   __m512 mw = _mm512_setzero_ps();
   if (has_min(QT)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
   for (int r = 0; r < MR; ++r) {
     const __m512i si = _mm512_load_si512(sums + 16 * r);  // the exact dot sum (q - corr) a
-    const float da = d[r * J + j];
-    const int32_t sa = s[r * J + j];
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dw, _mm512_set1_ps(da)), acc[r]);
-    if (has_min(QT)) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * float(sa)), acc[r]);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dw, _mm512_set1_ps(d[r * J + j])), acc[r]);
+    if (has_min(QT)) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsa[r * J + j]), acc[r]);
   }
 }
 
@@ -110,8 +112,8 @@ AMX_TARGET static inline void epilogue(const uint8_t* b, const int32_t* sums, co
   do {                                                                                    \
     _tile_stored(CA, c, 64);                                                              \
     if (two) _tile_stored(CB, c + 256, 64);                                               \
-    epilogue<QT, MR>(w + (j) * bb_of(QT), c, d, s, J, (j), acc);                          \
-    if (two) epilogue<QT, MR>(w + ((j) + 1) * bb_of(QT), c + 256, d, s, J, (j) + 1, acc); \
+    epilogue<QT, MR>(w + (j) * bb_of(QT), c, d, dsa, J, (j), acc);                          \
+    if (two) epilogue<QT, MR>(w + ((j) + 1) * bb_of(QT), c + 256, d, dsa, J, (j) + 1, acc); \
   } while (0)
 
 // MR (<= 16) activation rows x one weight tile, the tile's B rows ready in `codes` (64-byte rows).
@@ -119,7 +121,7 @@ AMX_TARGET static inline void epilogue(const uint8_t* b, const int32_t* sums, co
 // epilogue of blocks j, j + 1 (C tiles tmm0-1 and tmm2-3 in turn).
 template <int QT, int MR>
 AMX_TARGET static void rows_amx(const uint8_t* w, const uint8_t* codes, int64_t cstride, int64_t J, const int8_t* q,
-                                const float* d, const int32_t* s, int64_t K, float* y, int64_t ldy, int nvalid) {
+                                const float* d, const float* dsa, int64_t K, float* y, int64_t ldy, int nvalid) {
   alignas(64) int32_t c[2 * 256];
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
@@ -136,7 +138,7 @@ AMX_TARGET static void rows_amx(const uint8_t* w, const uint8_t* codes, int64_t 
 }
 
 using RowsFn = void (*)(const uint8_t*, const uint8_t*, int64_t, int64_t, const int8_t*, const float*,
-                        const int32_t*, int64_t, float*, int64_t, int);
+                        const float*, int64_t, float*, int64_t, int);
 
 template <int QT, int... MR>
 static constexpr std::array<RowsFn, sizeof...(MR) + 1> rows_table(std::integer_sequence<int, MR...>) {
@@ -150,20 +152,26 @@ AMX_TARGET static void qgemm_amx_t(const uint8_t* w, int64_t J, int64_t t0, int6
   static constexpr auto fns = rows_table<QT>(std::make_integer_sequence<int, 16>{});
   const int64_t K = 32 * J;
   std::vector<uint8_t> unpacked(QT == Q8_0 ? 0 : J * 512);
+  std::vector<float> dsa(has_min(QT) ? M * J : 0);
+  for (int64_t i = 0; i < int64_t(dsa.size()); ++i) dsa[i] = d[i] * float(s[i]);
   int configured = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = w + t * J * BB;
     const uint8_t* codes = wt + HDR;  // Q8_0: the tile's own codes, BB bytes apart
     int64_t cstride = BB;
     if (QT != Q8_0) {
-      for (int64_t j = 0; j < J; ++j) unpack<QT>(wt + j * BB + HDR, unpacked.data() + 512 * j);
+      for (int64_t j = 0; j < J; ++j) {
+        for (int l = 0; l < BB; l += 64) _mm_prefetch((const char*)(wt + (j + 8) * BB + l), _MM_HINT_T0);
+        unpack<QT>(wt + j * BB + HDR, unpacked.data() + 512 * j);
+      }
       codes = unpacked.data(), cstride = 512;
     }
     const int nvalid = int(std::min<int64_t>(TILE, N - TILE * t));
     for (int64_t m = 0; m < M; m += 16) {
       const int mr = int(std::min<int64_t>(16, M - m));
       if (mr != configured) configure(mr), configured = mr;
-      fns[mr](wt, codes, cstride, J, q + m * K, d + m * J, s + m * J, K, y + m * ldy + TILE * t, ldy, nvalid);
+      fns[mr](wt, codes, cstride, J, q + m * K, d + m * J, dsa.data() + (has_min(QT) ? m * J : 0), K, y + m * ldy + TILE * t,
+              ldy, nvalid);
     }
   }
   if (configured) _tile_release();
