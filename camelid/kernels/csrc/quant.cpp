@@ -269,7 +269,7 @@ AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t*
                                       const int32_t* c, const float* dsa, int64_t K, float* y, int64_t ldy,
                                       int nvalid) {
   constexpr int BB = bb_of(QT), HDR = hdr_of(QT), CORR = QT == Q8_0 ? 128 : corr_of(QT);
-  constexpr bool TWO = MR <= 2;
+  constexpr int CH = MR <= 2 ? 2 : 1;  // chains per row
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
@@ -287,20 +287,24 @@ AVX512_TARGET static void tile_avx512(const uint8_t* w, int64_t J, const int8_t*
       nibbles_avx512(b + HDR, wv);
       if (five_bit(QT)) fifth_bits_avx512(b + HDR + 256, wv);
     }
+    // the rows' chains side by side (vpdpbusd's latency x throughput wants ~10 in flight)
+    __m512i si[MR * CH];
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const int32_t* a = (const int32_t*)(q + r * K + 32 * j);
-      __m512i si = CORR ? _mm512_set1_epi32(c[r * J + j]) : _mm512_setzero_si512();
-      if (TWO) {
-        __m512i s1 = _mm512_setzero_si512();
-        for (int g = 0; g < 8; g += 2) {
-          si = _mm512_dpbusd_epi32(si, wv[g], _mm512_set1_epi32(a[g]));
-          s1 = _mm512_dpbusd_epi32(s1, wv[g + 1], _mm512_set1_epi32(a[g + 1]));
-        }
-        si = _mm512_add_epi32(si, s1);
-      } else {
-        for (int g = 0; g < 8; ++g) si = _mm512_dpbusd_epi32(si, wv[g], _mm512_set1_epi32(a[g]));
+      si[r * CH] = CORR ? _mm512_set1_epi32(c[r * J + j]) : _mm512_setzero_si512();
+      if (CH == 2) si[r * CH + 1] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g)
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const int32_t* a = (const int32_t*)(q + r * K + 32 * j);
+        si[r * CH + g % CH] = _mm512_dpbusd_epi32(si[r * CH + g % CH], wv[g], _mm512_set1_epi32(a[g]));
       }
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dw, _mm512_set1_ps(d[r * J + j])), acc[r]);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512i sr = CH == 2 ? _mm512_add_epi32(si[r * CH], si[r * CH + 1]) : si[r * CH];
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr), _mm512_mul_ps(dw, _mm512_set1_ps(d[r * J + j])), acc[r]);
       if (has_min(QT)) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsa[r * J + j]), acc[r]);
     }
   }
