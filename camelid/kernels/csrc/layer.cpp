@@ -203,26 +203,61 @@ AVX512_TARGET static void weigh_values_any(const float* p, const float* vb, int6
   for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), inv));
 }
 
+// Lane sums of q . k (lane l: dims l, l + 16, ...: the portable loop's p[l]), mul then add.
+AVX512_TARGET static inline __m512 lane_sums(const float* qh, const float* k, int64_t D) {
+  __m512 p = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(k + i)));
+  return p;
+}
+
+// The lane sums of 16 keys -> their 16 dot products, each by the portable tree (p[l] + p[l + 8],
+// then + 4, + 2, + 1): the same adds on the same pairs, four levels of shuffles for 16 keys at a
+// time instead of a horizontal reduction per key.
+AVX512_TARGET static inline __m512 reduce16(__m512* P) {
+  __m512 Q[8], R[4], S2[2];
+  for (int m = 0; m < 8; ++m)  // lanes l + (l + 8): keys 2m | 2m + 1, 8 lanes each
+    Q[m] = _mm512_add_ps(_mm512_shuffle_f32x4(P[2 * m], P[2 * m + 1], 0x44), _mm512_shuffle_f32x4(P[2 * m], P[2 * m + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // + 4: 128-bit lane k holds key 4i + k
+    R[i] = _mm512_add_ps(_mm512_shuffle_f32x4(Q[2 * i], Q[2 * i + 1], 0x88), _mm512_shuffle_f32x4(Q[2 * i], Q[2 * i + 1], 0xdd));
+  for (int u = 0; u < 2; ++u)  // + 2
+    S2[u] = _mm512_add_ps(_mm512_shuffle_ps(R[2 * u], R[2 * u + 1], 0x44), _mm512_shuffle_ps(R[2 * u], R[2 * u + 1], 0xee));
+  // + 1: element 4k + e is key 4e + k; put key j at j
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(S2[0], S2[1], 0x88), _mm512_shuffle_ps(S2[0], S2[1], 0xdd));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, t);
+}
+
 AVX512_TARGET static void attend_group_avx512(int n, const float* q, const float* kb, const float* vb, int64_t k0,
                                               int64_t k1, int64_t D, float scale, float* sc, float* y) {
   const int64_t S = k1 + 1;
   float mx[16];
-  for (int h = 0; h < n; ++h) mx[h] = -INFINITY;
-  for (int64_t s = k0; s <= k1; ++s) {
-    const float* k = kb + s * D;
-    for (int64_t l = 0; l < D; l += 16) _mm_prefetch((const char*)(k + 8 * D + l), _MM_HINT_T0);
-    for (int h = 0; h < n; ++h) {
-      const float* qh = q + h * D;
-      __m512 p = _mm512_setzero_ps();
-      for (int64_t i = 0; i < D; i += 16) p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(k + i)));
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int h = 0; h < n; ++h) {
+    const float* qh = q + h * D;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    int64_t s = k0;
+    for (; s + 16 <= k1 + 1; s += 16) {  // 16 keys at a time
+      __m512 P[16];
+      for (int e = 0; e < 16; ++e) {
+        if (h == 0) _mm_prefetch((const char*)(kb + (s + 16 + e) * D), _MM_HINT_T0);
+        P[e] = lane_sums(qh, kb + (s + e) * D, D);
+      }
+      const __m512 v = _mm512_mul_ps(reduce16(P), vs);
+      _mm512_storeu_ps(sc + h * S + s, v);
+      vmax = _mm512_max_ps(v, vmax);  // a NaN score is passed over, as the scalar compare does
+    }
+    float m = _mm512_reduce_max_ps(vmax);
+    for (; s <= k1; ++s) {
+      const __m512 p = lane_sums(qh, kb + s * D, D);
       __m256 p8 = _mm256_add_ps(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1));  // lanes l + (l + 8)
       __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
       __m128 p2 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
       __m128 p1 = _mm_add_ss(p2, _mm_shuffle_ps(p2, p2, 1));
       const float v = _mm_cvtss_f32(p1) * scale;
       sc[h * S + s] = v;
-      mx[h] = v > mx[h] ? v : mx[h];
+      m = v > m ? v : m;
     }
+    mx[h] = m;
   }
   for (int h = 0; h < n; ++h) {
     float* sh = sc + h * S;
