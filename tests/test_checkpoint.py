@@ -709,7 +709,9 @@ def test_peak_memory_of_a_load_is_about_one_copy_of_the_weights(tmp_path):
     assert (tmp_path / "model.safetensors").stat().st_size >= weight_bytes
     growth, loaded_bytes = run(MEASURE_LOAD, tmp_path)
     assert loaded_bytes == weight_bytes
-    assert growth <= 1.3 * weight_bytes, f"peak RSS grew {growth / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
+    # One copy is the file's pages (mapped) plus 13-31 MB of allocator and thread-pool slack that
+    # varies run to run (measured: 1.13-1.31x; CI once saw 1.31x); a second copy would be >= 2x.
+    assert growth <= 1.6 * weight_bytes, f"peak RSS grew {growth / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from camelid import kernels
+import camelid.kernels as kernels
 
 Processor = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (logits, tokens, mask, n_prompt)
 Sampler = Callable[[Tensor, "torch.Generator | None"], Tensor]
