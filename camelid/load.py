@@ -135,6 +135,8 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
 
 def _finish(model, adapter, pack):
     """The last steps, in order: adapter, then fuse (quantized) or pack (float, CPU)."""
+    if model.device.type == "cpu" and any(isinstance(m, BlockLinear) for m in model.modules()):
+        model.cache_dtype = "float16"  # GGUF blocks: llama.cpp's KV cache (half the bytes decode reads)
     if adapter is not None:
         load_adapter(model, adapter)
         if is_quantized(model):

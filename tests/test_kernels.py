@@ -381,7 +381,8 @@ def test_a_fresh_machine_builds_once_and_a_second_start_only_loads(tmp_path):
                                    {"blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q5_1,
                                     "blk.1.ffn_gate.weight": Q.Q5_0}],
                          ids=["q4_1", "k-quants", "unfused-parts"])
-def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path, types):
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16], ids=["f32-cache", "f16-cache"])
+def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path, types, storage):
     from camelid import LlamaForCausalLM
     from camelid.core.cache import KVCache
 
@@ -397,7 +398,7 @@ def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path, types):
         saved = model.model.fused_decode
         if not fused:
             model.model.fused_decode = None
-        cache = KVCache(model.config, 2, 16)
+        cache = KVCache(model.config, 2, 16, storage=storage)
         with torch.inference_mode():
             model(ids, attention_mask=mask, cache=cache, cache_position=torch.arange(6))
             m2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
@@ -410,7 +411,8 @@ def test_the_fused_decode_layer_matches_the_pytorch_layer(tmp_path, types):
     assert (a - b).abs().max() <= 1e-3 * b.abs().max()
 
 
-def test_the_fused_decode_step_gives_the_same_bits_on_every_isa_path(tmp_path):
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16], ids=["f32-cache", "f16-cache"])
+def test_the_fused_decode_step_gives_the_same_bits_on_every_isa_path(tmp_path, storage):
     from camelid import LlamaForCausalLM
     from camelid.core.cache import KVCache
 
@@ -420,10 +422,45 @@ def test_the_fused_decode_step_gives_the_same_bits_on_every_isa_path(tmp_path):
     outs = {}
     for isa in isas():
         with K.forced_isa(isa), torch.inference_mode():
-            cache = KVCache(model.config, 1, 64)
+            cache = KVCache(model.config, 1, 64, storage=storage)
             model(ids, cache=cache, cache_position=torch.arange(40))
             outs[isa] = model(torch.tensor([[7, 8, 9]]), cache=cache, cache_position=torch.arange(40, 43)).logits
+            if storage == torch.float16:  # the step's own keys went in as torch rounds them
+                k = cache.k[1][:, :, 40:43].clone()
+                model.model.fused_decode, saved = None, model.model.fused_decode
+                model(torch.tensor([[7, 8, 9]]), cache=cache, cache_position=torch.arange(40, 43))
+                model.model.fused_decode = saved
+                assert torch.equal(cache.k[1][:, :, 40:43], k)
     assert all(torch.equal(o, outs["scalar"]) for o in outs.values())
+
+
+def test_gguf_block_models_keep_a_float16_kv_cache_as_llama_cpp_does(tmp_path):
+    from camelid import LlamaConfig, LlamaForCausalLM
+    from camelid.core.cache import Int8KVCache, model_cache
+    from camelid.generation.generate import generate_tokens
+
+    blocks = LlamaForCausalLM.from_pretrained(tiny_gguf(tmp_path / "m.gguf", {}))
+    assert blocks.cache_dtype == "float16" and blocks.dtype == torch.float32
+    cache = model_cache(blocks, 2, 8)
+    assert cache.k[0].dtype == cache.v[1].dtype == torch.float16 and cache.dtype == torch.float32
+    assert model_cache(blocks, 2, 8, "float32").k[0].dtype == torch.float32
+    assert isinstance(model_cache(blocks, 2, 8, "int8"), Int8KVCache)
+    with pytest.raises(ValueError, match="cache_dtype must be one of .*'f16'"):
+        model_cache(blocks, 2, 8, "f16")
+    # update() hands attention the rounded keys in the compute dtype (the prefill sees what decode reads)
+    k = torch.randn(2, 2, 3, 16) * 10
+    keys, values = cache.update(0, torch.arange(3), k, -k, 3)
+    assert keys.dtype == torch.float32 and torch.equal(keys, k.half().float()) and torch.equal(values, -keys)
+    floats = LlamaForCausalLM.from_pretrained(tiny_gguf(tmp_path / "m.gguf", {}), dtype="float32")
+    assert floats.cache_dtype is None and model_cache(floats, 1, 8).k[0].dtype == torch.float32
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    assert plain.cache_dtype is None and model_cache(plain, 1, 8).k[0].dtype == torch.float32
+    # generate's default is the model's: the same tokens as an explicit float16 cache
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    runs = {kind: torch.stack([s.tokens for s in generate_tokens(blocks, ids, max_new_tokens=8, cache_dtype=kind)])
+            for kind in (None, "float16")}
+    assert torch.equal(runs[None], runs["float16"])
 
 
 @pytest.mark.slow

@@ -25,7 +25,9 @@ def sampling_args(p) -> None:
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
                    help="speculative decoding: draft up to K tokens by prompt lookup (greedy; same output, faster "
                         "when the answer copies the prompt)")
-    p.add_argument("--kv-cache", choices=["int8"], default=None, help="keep the KV cache in int8 (long contexts)")
+    p.add_argument("--kv-cache", choices=["int8", "float16", "bfloat16", "float32"], default=None,
+                   help="the KV cache's dtype (default: float16 for GGUF-block models, as llama.cpp; else the "
+                        "model's; int8: long contexts)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (camelid finetune's final/, or peft's)")
     quantization_args(p)
 

@@ -267,7 +267,7 @@ class LlamaModel(nn.Module):
     def _fused_decode_rows(self, x, plan, cache, slots, kv_len, rope):
         """The first key slot of each row when this call can run the layers' fused decode steps
         (at most FUSED_QUERIES new tokens per row at the last slots, float32 or bfloat16 on CPU, a
-        plain KVCache of that dtype, every query attending causally to its own row's keys, no
+        plain KVCache of that dtype or float16, every query attending causally to its own row's keys, no
         gradient), else
         None: the PyTorch layers run. A prompt's prefill (slot 0 on) always runs them, whatever its
         length, so a prompt alone and in a batch are prefilled by the same code."""
@@ -276,8 +276,8 @@ class LlamaModel(nn.Module):
         B, T, _ = x.shape
         if (T > FUSED_QUERIES or cache is None or type(cache).update is not KVCache.update or rope is None
                 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or self.training
-                or torch.is_grad_enabled() or slots is None or slots.numel() != T or cache.k[0].dtype != x.dtype
-                or not cache.k[0].is_contiguous()
+                or torch.is_grad_enabled() or slots is None or slots.numel() != T
+                or cache.k[0].dtype not in (x.dtype, torch.float16) or not cache.k[0].is_contiguous()
                 or torch.compiler.is_compiling() or int(slots[0]) == 0 or int(slots[-1]) != kv_len - 1
                 or (T > 1 and not bool((slots[1:] - slots[:-1] == 1).all()))):
             return None
@@ -308,6 +308,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.cache_dtype: str | None = None  # the KV cache kind decoding uses by default (core/cache.py)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if not any(p.is_meta for p in self.parameters()):

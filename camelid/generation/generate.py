@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from camelid.core.cache import layer_devices, make_cache
+from camelid.core.cache import model_cache
 from camelid.generation.sampling import SamplingParams, check_top_n
 from camelid.generation.step import Choice, Decoding, Step, check_generation_args, next_tokens
 
@@ -42,8 +42,10 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     model loaded with pack=False); the prefill stays eager. Off by default: it compiles for minutes
     on a small CPU and is not batch-invariant (README has the measured trade-off).
 
-    cache_dtype: None (keys and values in the model's dtype) or "int8" (cache.Int8KVCache: a
-    quarter of float32's bytes, for long contexts; attention reads them dequantized)."""
+    cache_dtype: None (the model's default: float16 keys and values for GGUF-block weights, as
+    llama.cpp keeps them, else the model's dtype), "int8" (cache.Int8KVCache: a quarter of
+    float32's bytes, for long contexts; attention reads them dequantized), or "float32",
+    "bfloat16", "float16"."""
     params = params or SamplingParams()
     config = model.config
     context = context or config.max_position_embeddings
@@ -66,7 +68,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     n_prompt = mask.sum(-1)
 
     decode = compiled_decoder(model) if compile else model
-    cache = make_cache(cache_dtype, config, B, T0 + budget, dtype=model.dtype, device=layer_devices(model))
+    cache = model_cache(model, B, T0 + budget, cache_dtype)
     logits = model(input_ids, attention_mask=mask, cache=cache, cache_position=torch.arange(T0, device=device),
                    logits_to_keep=1).logits[:, -1]
     tokens = input_ids
@@ -144,7 +146,7 @@ def speculative_steps(model, input_ids, attention_mask, assistant_model, prompt_
     from camelid.generation.speculative import speculative_tokens
 
     if cache_dtype is not None:
-        raise ValueError("speculative decoding keeps its KV cache in the model's dtype: drop the int8 cache")
+        raise ValueError(f"speculative decoding keeps the model's default KV cache: drop cache_dtype={cache_dtype!r}")
     drafter = {}  # both drafters given: speculative_tokens rejects the pair
     if assistant_model is not None:
         drafter.update(draft_model=assistant_model, num_assistant_tokens=num_assistant_tokens)

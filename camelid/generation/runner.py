@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from camelid.core.cache import KVCache, layer_devices
+from camelid.core.cache import KVCache, model_cache
 from camelid.generation.scheduler import Event, Handle, Plan
 from camelid.generation.step import Decoding, next_tokens
 
@@ -25,7 +25,7 @@ class _RowCache:
     def __init__(self, cache: KVCache, first: int, last: int):
         self.k = [t[first:last] for t in cache.k]
         self.v = [t[first:last] for t in cache.v]
-        self.batch_size, self.max_seq_len = last - first, cache.max_seq_len
+        self.batch_size, self.max_seq_len, self.dtype = last - first, cache.max_seq_len, cache.dtype
 
     update = KVCache.update
 
@@ -42,7 +42,7 @@ class Runner:
     def __init__(self, model, max_batch: int, context: int):
         self.model = model
         self.device = model.device
-        self.cache = KVCache(model.config, max_batch, context, dtype=model.dtype, device=layer_devices(model))
+        self.cache = model_cache(model, max_batch, context)
         self.tp = getattr(model, "tp_world", 1) > 1
         self.leader = not self.tp or model.tp_rank == 0
         self.rows: dict[int, _Row] = {}  # slot -> decoding state (moves with the row)

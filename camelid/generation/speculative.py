@@ -43,7 +43,7 @@ from typing import Iterator
 
 import torch
 
-from camelid.core.cache import KVCache, layer_devices
+from camelid.core.cache import KVCache, model_cache
 from camelid.core.masks import decode_step_plan
 from camelid.core.model import LlamaDecoderLayer, LlamaForCausalLM
 from camelid.generation.sampling import SamplingParams
@@ -82,7 +82,7 @@ class DraftModel:
     def __init__(self, model, size: int):
         self.model, self.seen, self.fed = model, 0, 0
         self.size = min(size, model.config.max_position_embeddings)
-        self.cache = KVCache(model.config, 1, self.size, dtype=model.dtype, device=layer_devices(model))
+        self.cache = model_cache(model, 1, self.size)
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """k greedy tokens after `tokens`: the unseen tokens in one forward, then one step each."""
@@ -221,7 +221,7 @@ def speculative_tokens(model, input_ids: torch.Tensor, *, draft_model=None, prom
     drafter = DraftModel(draft_model, T0 + budget) if draft_model is not None else None
 
     # the prefill exactly as generate_tokens runs it (same cache size, mask and logits_to_keep)
-    cache = KVCache(model.config, 1, T0 + budget, dtype=model.dtype, device=layer_devices(model))
+    cache = model_cache(model, 1, T0 + budget)
     ids = input_ids.to(device)
     logits = model(ids, attention_mask=torch.ones_like(ids), cache=cache,
                    cache_position=torch.arange(T0, device=device), logits_to_keep=1).logits[:, -1]

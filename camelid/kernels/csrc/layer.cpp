@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -329,8 +330,12 @@ struct Product {
 struct Layer {
   const float *ln1, *ln2;
   Product p[4];  // qkv, o, gate_up, down
-  void *kc, *vc;  // float32, or bfloat16 (a bfloat16 model's cache)
+  void *kc, *vc;  // float32, bfloat16 (a bfloat16 model's cache) or float16 (half the bytes)
 };
+
+// What the KV cache holds. Attention computes in float32 either way: a head's half-precision keys
+// and values are widened (exactly) into a float32 buffer once for the query heads that share them.
+enum CacheKind { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_F16 = 2 };
 
 // bfloat16 <-> float32 as torch converts: round to nearest even, NaN kept quiet.
 static inline uint16_t to_bf16(float f) {
@@ -344,6 +349,41 @@ static inline float from_bf16(uint16_t h) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+}
+
+// A new key or value row into a half-precision cache, rounded to nearest even as torch's .to()
+// rounds (vcvtps2ph with that rounding gives the same halves; a NaN stays a NaN).
+AVX512_TARGET static void narrow_f16_avx512(const float* src, int64_t n, uint16_t* d) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16)
+    _mm256_storeu_si256((__m256i*)(d + e), _mm512_cvtps_ph(_mm512_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT));
+  for (; e < n; ++e) d[e] = c10::detail::fp16_ieee_from_fp32_value(src[e]);
+}
+
+static void narrow_row(int kind, const float* src, int64_t n, void* dst, int level) {
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  if (kind == CACHE_BF16)
+    for (int64_t e = 0; e < n; ++e) d[e] = to_bf16(src[e]);
+  else if (level >= ISA_AVX512)
+    narrow_f16_avx512(src, n, d);
+  else
+    for (int64_t e = 0; e < n; ++e) d[e] = c10::detail::fp16_ieee_from_fp32_value(src[e]);
+}
+
+AVX512_TARGET static void widen_avx512(int kind, const uint16_t* s, int64_t n, float* d) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256((const __m256i*)(s + i));
+    _mm512_storeu_ps(d + i, kind == CACHE_F16 ? _mm512_cvtph_ps(h)
+                                              : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  for (; i < n; ++i) d[i] = kind == CACHE_F16 ? f16_to_f32(s[i]) : from_bf16(s[i]);
+}
+
+// Half-precision cache rows -> float32 (exact on every path, so every path sees the same keys).
+static void widen(int kind, const uint16_t* s, int64_t n, float* d, int level) {
+  if (level >= ISA_AVX512) return widen_avx512(kind, s, n, d);
+  for (int64_t i = 0; i < n; ++i) d[i] = kind == CACHE_F16 ? f16_to_f32(s[i]) : from_bf16(s[i]);
 }
 
 // Quantized activation rows: codes, scales and code sums per block of 32.
@@ -417,9 +457,10 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
                   sin.is_contiguous() && cos.numel() == R * D && sin.numel() == R * D,
               "camelid::decode_layers: cos/sin must be contiguous float32 [B * T, head_dim]");
   const int64_t nqkv = (H + 2 * Hkv) * D;
-  TORCH_CHECK(kc[0].scalar_type() == at::kFloat || kc[0].scalar_type() == at::kBFloat16,
-              "camelid::decode_layers: the KV cache must be float32 or bfloat16, got ", kc[0].scalar_type());
-  const bool bf16_cache = kc[0].scalar_type() == at::kBFloat16;
+  const at::ScalarType cache_type = kc[0].scalar_type();
+  TORCH_CHECK(cache_type == at::kFloat || cache_type == at::kBFloat16 || cache_type == at::kHalf,
+              "camelid::decode_layers: the KV cache must be float32, bfloat16 or float16, got ", cache_type);
+  const int cache_kind = cache_type == at::kFloat ? CACHE_F32 : cache_type == at::kBFloat16 ? CACHE_BF16 : CACHE_F16;
   std::vector<Layer> layers(L);
   int64_t iq = 0, ig = 0;  // the next q/k/v and gate/up part
   for (int64_t l = 0; l < L; ++l) {
@@ -481,7 +522,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
     std::vector<float> sc(std::min<int64_t>(G, 16) * (last + 1));
-    std::vector<float> kf(bf16_cache ? (last + 1) * D : 0), vf(bf16_cache ? (last + 1) * D : 0);
+    std::vector<float> kf(cache_kind != CACHE_F32 ? (last + 1) * D : 0), vf(kf.size());
     StageClock clock;
     clock.on = clock.on && tid == 0;
     if (clock.on) profiled_calls += 1;
@@ -501,9 +542,9 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
         for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + i * D, sn + i * D, D);  // q heads, then k
         for (int64_t j = 0; j < Hkv; ++j) {
           const int64_t at = ((b * Hkv + j) * S + slot) * D;
-          if (bf16_cache) {
-            uint16_t *kd = static_cast<uint16_t*>(ly.kc) + at, *vd = static_cast<uint16_t*>(ly.vc) + at;
-            for (int64_t e = 0; e < D; ++e) kd[e] = to_bf16(r[(H + j) * D + e]), vd[e] = to_bf16(r[(H + Hkv + j) * D + e]);
+          if (cache_kind != CACHE_F32) {
+            narrow_row(cache_kind, r + (H + j) * D, D, static_cast<uint16_t*>(ly.kc) + at, level);
+            narrow_row(cache_kind, r + (H + Hkv + j) * D, D, static_cast<uint16_t*>(ly.vc) + at, level);
           } else {
             std::copy_n(r + (H + j) * D, D, static_cast<float*>(ly.kc) + at);
             std::copy_n(r + (H + Hkv + j) * D, D, static_cast<float*>(ly.vc) + at);
@@ -523,9 +564,10 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
         } else {
           const int64_t head = (b * Hkv + kv) * S * D;
           const float *kh, *vh;
-          if (bf16_cache) {  // this head's keys and values [k0, slot] as float32 (exact)
+          if (cache_kind != CACHE_F32) {  // this head's keys and values [k0, slot] as float32 (exact)
             const uint16_t *ksrc = static_cast<const uint16_t*>(ly.kc) + head, *vsrc = static_cast<const uint16_t*>(ly.vc) + head;
-            for (int64_t e = k0 * D; e < (slot + 1) * D; ++e) kf[e] = from_bf16(ksrc[e]), vf[e] = from_bf16(vsrc[e]);
+            widen(cache_kind, ksrc + k0 * D, (slot + 1 - k0) * D, kf.data() + k0 * D, level);
+            widen(cache_kind, vsrc + k0 * D, (slot + 1 - k0) * D, vf.data() + k0 * D, level);
             kh = kf.data(), vh = vf.data();
           } else {
             kh = static_cast<const float*>(ly.kc) + head, vh = static_cast<const float*>(ly.vc) + head;
