@@ -187,3 +187,31 @@ def test_a_vanishing_temperature_decodes_greedily(model, t):
         assert tokens == alone(model, p, 8) and reason == "length"
     finally:
         engine.stop()
+
+
+def test_begin_shutdown_refuses_new_requests_and_aborts_the_rest_at_the_grace(model):
+    """Issue 19, finding 4: SIGTERM's shutdown lets running requests go on for a grace, then ends
+    them (and those still waiting) with an "abort" event instead of leaving them cut."""
+    engine = Engine(model, max_batch=1, context=256).start()
+    ends, first = [], threading.Event()
+
+    def emit(e):  # called on the engine thread: 10 ms a token makes the request outlast the grace
+        if e.token is not None:
+            first.set()
+            time.sleep(0.01)
+        if e.finish_reason:
+            ends.append(e.finish_reason)
+
+    running = engine.submit(prompts(1)[0], 200, min_tokens=200, emit=emit)
+    waiting = engine.submit(prompts(1, seed=5)[0], 200, emit=emit)  # no free slot: it waits
+    assert first.wait(60)
+    t = time.monotonic()
+    engine.begin_shutdown(grace=0.3)
+    with pytest.raises(EngineStopped, match="shutting down"):
+        engine.submit(prompts(1)[0], 4)
+    while len(ends) < 2 and time.monotonic() - t < 30:
+        time.sleep(0.01)
+    engine.begin_shutdown(grace=0)  # a second call changes nothing
+    engine.stop()
+    assert ends == ["abort", "abort"] and 0.3 <= time.monotonic() - t
+    assert 0 < len(running.generated) < 200 and waiting.generated == [] and engine.running == 0

@@ -281,6 +281,59 @@ def test_sigterm_with_streams_in_flight_ends_cleanly(smollm2_gguf, tmp_path):
             proc.kill()
 
 
+SERVE_GRACE = """
+import sys
+from camelid.cli import main
+sys.exit(main(["serve", "--port", sys.argv[1], "--max-batch", "8", "--shutdown-grace", "2"]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_ends_long_streams_at_the_grace_with_a_final_chunk_and_done(smollm2_gguf):
+    """Issue 19, finding 4: uvicorn's grace used to cut long streams (no final chunk, no [DONE])
+    while the engine went on generating for the closed connections."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_GRACE, str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "CAMELID_API_KEY": ""})
+    try:
+        wait_until_up(port, proc)
+        ends, started = {}, threading.Barrier(9)
+
+        def stream(i):
+            body = {"model": "smollm2-135m-instruct", "prompt": f"Story {i}: once upon a time", "max_tokens": 3000,
+                    "min_tokens": 3000, "stream": True, "temperature": 0}
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
+                lines = []
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        if len(lines) == 1:
+                            started.wait(60)
+                        lines.append(line)
+            ends[i] = lines
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        started.wait(60)  # every stream has sent text
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - sent < 15  # the grace (2 s) and a little, not uvicorn's cut
+        assert sorted(ends) == list(range(8))
+        for lines in ends.values():
+            assert lines[-1] == "data: [DONE]"
+            final = json.loads(lines[-2][len("data: "):])
+            assert final["choices"][0]["finish_reason"] == "abort"
+            assert sum(bool(json.loads(x[6:])["choices"][0]["text"]) for x in lines[:-2]) > 1  # text came first
+        log = proc.stdout.read()
+        assert "Traceback" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}},
           "required": ["name", "age", "city"], "additionalProperties": False}
@@ -423,3 +476,10 @@ def test_a_request_with_content_length_and_transfer_encoding_is_answered_then_th
     data, closed = _raw(server.port, head + b"\r\n" + body)  # Content-Length alone: kept alive
     assert data.startswith(b"HTTP/1.1 200") and not closed
     assert httpx.get(server.url + "/health").status_code == 200  # and the server is still up
+
+
+def test_a_negative_shutdown_grace_is_refused_before_anything_loads():
+    from camelid.serve.app import serve
+
+    with pytest.raises(ValueError, match="shutdown_grace must be >= 0 seconds, got -1"):
+        serve("no-such-model", shutdown_grace=-1)

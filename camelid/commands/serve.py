@@ -23,6 +23,9 @@ def add_arguments(p) -> None:
                    help="prompt + max_tokens summed over running and waiting requests (more: HTTP 429)")
     p.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: --model)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder, merged into the model")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM: seconds running requests may still take; then they end with "
+                        "finish_reason 'abort' (streams get a final chunk and [DONE])")
 
 
 def main(args) -> int:
@@ -34,5 +37,5 @@ def main(args) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, model_name=args.served_model_name, adapter=args.adapter,
           max_tokens_limit=args.max_tokens_limit, max_total_tokens=args.max_total_tokens, context=args.context,
-          nproc=args.nproc)
+          nproc=args.nproc, shutdown_grace=args.shutdown_grace)
     return 0

@@ -5,6 +5,7 @@
     handle = engine.submit(prompt_ids, max_tokens=64, params=SamplingParams(), eos_token_ids=[2],
                            emit=callback)            # callback(Event) per token, then a final one
     engine.cancel(handle)                            # e.g. the client went away: slot freed next step
+    engine.begin_shutdown(grace=30)                  # SIGTERM: refuse new requests, abort the rest at 30 s
     engine.stop()
 
 The engine is a loop over two parts (as vLLM v1 splits it):
@@ -43,6 +44,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._deadline: threading.Timer | None = None
 
     # ------------------------------------------------------------------ the caller's side
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
@@ -90,12 +92,29 @@ class Engine:
         self._thread.start()
         return self
 
+    def begin_shutdown(self, grace: float) -> None:
+        """Refuse new requests now; let the running and waiting ones go on for `grace` seconds,
+        then end every one still unfinished with an "abort" event (a server's streams then close
+        with a final chunk instead of being cut). Returns at once; a second call changes nothing."""
+        self.scheduler.accepting = False
+        if self._deadline is None:
+            self._deadline = threading.Timer(max(0.0, grace), self.abort_all)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def abort_all(self) -> None:
+        """End every running and waiting request at the next step ("abort" events)."""
+        for h in self.scheduler.all():
+            h.cancelled = True
+        self._wake.set()
+
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new requests; finish the running and waiting ones (drain) or abort them."""
         self.scheduler.accepting = False
         if not drain:
-            for h in self.scheduler.all():
-                h.cancelled = True
+            self.abort_all()
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

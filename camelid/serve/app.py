@@ -12,7 +12,9 @@ GET /metrics (Prometheus text). Errors are OpenAI-shaped JSON, never a 500 for b
     503 shutting down
 
 A client that disconnects has its requests cancelled: the engine frees their slots at its next
-step. On SIGTERM uvicorn stops accepting connections and the engine finishes what is running.
+step. On SIGTERM the server stops accepting connections and requests; what is running may go on
+for --shutdown-grace seconds (30), then ends with finish_reason "abort" (as vLLM names it): every
+stream still gets its final chunk and [DONE], and the process exits soon after.
 
 protocol.py checks requests and shapes answers, stream.py turns engine events into responses;
 this file holds the routes and the program.
@@ -41,7 +43,7 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
     async def lifespan(app):
         engine.start()
         yield
-        engine.stop(drain=True, timeout=30)
+        engine.stop(drain=False, timeout=30)  # the connections are closed: nobody reads what still runs
 
     app = FastAPI(title="camelid", lifespan=lifespan)
     app.state.engine = engine
@@ -138,7 +140,7 @@ def metrics_text(server: Server) -> str:
         ("camelid_running_sequences", "gauge", "sequences in the running batch", engine.running),
         ("camelid_requests_total", "counter", "requests accepted by the engine", s["requests"]),
         ("camelid_requests_finished_total", "counter", "requests ended by stop or length", s["finished"]),
-        ("camelid_requests_aborted_total", "counter", "requests cancelled (disconnect, stop string)", s["aborted"]),
+        ("camelid_requests_aborted_total", "counter", "requests cancelled (disconnect, stop string, shutdown)", s["aborted"]),
         ("camelid_generated_tokens_total", "counter", "tokens generated", s["tokens"]),
         ("camelid_prompt_tokens_total", "counter", "prompt tokens prefilled", s["prompt_tokens"]),
         ("camelid_time_to_first_token_seconds_sum", "counter", "summed time to first token", s["ttft_sum"]),
@@ -157,12 +159,14 @@ def metrics_text(server: Server) -> str:
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
           max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
-          nproc: int = 1) -> None:
+          nproc: int = 1, shutdown_grace: float = 30.0) -> None:
     """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT.
     nproc > 1: tensor parallel over that many processes; rank 0 serves, the others follow."""
     options = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                    model_name=model_name, max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens,
-                   context=context)
+                   context=context, shutdown_grace=shutdown_grace)
+    if shutdown_grace < 0:
+        raise ValueError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
     if nproc > 1:
         from camelid.distributed import launch
         from camelid.formats import checkpoint_config
@@ -189,7 +193,7 @@ def _serve_rank(rank, world, model, options):
 def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
            max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
            max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
-           llm=None) -> None:
+           llm=None, shutdown_grace: float = 30.0) -> None:
     import importlib.util
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
@@ -206,7 +210,21 @@ def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     engine = app.state.engine
     print(f"camelid serve: {name}, {max_batch} slots x {engine.context} tokens of KV cache "
           f"({engine.cache.nbytes() / 2**20:.0f} MiB)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    _run(app, engine, host, port, shutdown_grace)
+
+
+def _run(app, engine, host, port, grace: float) -> None:
+    """uvicorn, whose SIGTERM/SIGINT first starts the engine's shutdown clock (Engine.begin_shutdown):
+    requests end by `grace`, so uvicorn's own graceful wait (a little longer) never cuts a stream."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.begin_shutdown(grace)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace + 10)
+    Server(config).run()
 
 
 def _load_model(model, adapter=None, llm=None):

@@ -61,7 +61,7 @@ class Choice:
             piece = self.decoder.add(e.token)
         if e.finish_reason is not None and self.finish_reason is None:
             piece += self.decoder.flush()
-            self.finish_reason = "stop" if e.finish_reason in ("stop", "abort") else e.finish_reason
+            self.finish_reason = e.finish_reason  # "abort": the server ended it (shutting down), as vLLM says
         delta, hit = self.stops.feed(piece, final=self.finish_reason is not None)
         if hit:
             self.finish_reason = "stop"
