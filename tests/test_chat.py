@@ -104,7 +104,7 @@ def test_list_repetition_bomb():
 
 
 def test_power_bomb():
-    rejects("{{ 10 ** 100000000 }}", "too large")
+    rejects("{{ 10 ** 100000000 }}", "bits")
 
 
 def test_cpu_loop_bomb_times_out():
@@ -114,12 +114,12 @@ def test_cpu_loop_bomb_times_out():
 
 def test_namespace_doubling_bomb():
     rejects("{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
-            "namespace value 'x'")
+            "namespace value 'x'|concatenates")
 
 
 def test_macro_doubling_bomb():
     rejects("{% macro d(s, n) %}{{ d(s ~ s, n - 1) if n else s|length }}{% endmacro %}{{ d('ab', 60) }}",
-            "past the output limit")
+            "past the output limit|past the limit")
 
 
 def test_filter_width_bomb():
@@ -133,6 +133,56 @@ def test_output_flood():
 
 def test_recursion_bomb():
     rejects("{% macro r(n) %}{{ r(n + 1) }}{% endmacro %}{{ r(0) }}", "recursed too deeply|failed")
+
+
+# Issue 19, finding 8: each of these built ~1 GB in one render under the 1M-character cap (the
+# size was checked after the value existed, or not at all), or ran a C-level integer power for
+# 18-30 s past the 2 s limit. Now every produced value is sized before it is built.
+@pytest.mark.parametrize("template,match", [
+    ("{% set s = 'a' * 999999 %}{{ (s ~ s ~ s ~ s ~ s ~ s ~ s ~ s)|length }}", "concatenates"),
+    ("{{ ('a' * 999999)|replace('a', 'aaaa')|length }}", "replaces into a string"),
+    ("{{ (['a' * 999999] * 999)|join|length }}", "joins a string"),
+    ("{{ (['a' * 999999] * 999)|join('-')|length }}", "joins a string"),
+    ("{{ '{:999999999}'.format(1)|length }}", "formats a string"),
+    ("{{ '{:{w}}'.format(1, w=999999999)|length }}", "formats a string"),
+    ("{{ '{x:>999999999}'.format_map({'x': 1})|length }}", "formats a string"),
+    ("{{ ('%999999999d' % 1)|length }}", "formats a string"),
+    ("{{ ('%*d' % (999999999, 1))|length }}", "formats a string"),
+    ("{{ ('%s' * 999 % ((['a' * 999999] * 999)|list|first,) * 0) }}{{ ('%s%s' % ('a' * 999999, 'b' * 999999)) }}",
+     "formats a string"),
+    ("{{ '%999999999s'|format('a') }}", "formats a string"),
+    ("{{ ('\n' * 999999)|indent(999)|length }}", "indents a string"),
+    ("{{ ('\n' * 999999)|indent('    ')|length }}", "indents a string"),
+    ("{{ ['a' * 999999] * 999 }}", "outputs a value"),
+    ("{{ (['a' * 999999] * 999)|string|length }}", "makes a string"),
+    ("{{ ([[['a' * 99999]]] * 99)|tojson(indent=64)|length }}", "writes JSON"),
+    ("{{ ([[1] * 999999] * 999)|sum(start=[])|length }}", "sums a value"),
+    ("{{ (['a' * 999999] + ['b'] * 999)|length }}{{ ([1] * 999999 + [2] * 999999)|length }}", "adds"),
+    ("{% set x = 10 ** 64 %}{{ (((x ** 64) ** 64) ** 64)|string|length }}", "integer of about .* bits"),
+    ("{% set x = 10 ** 64 %}{% set y = (x ** 64) ** 4 %}{{ (y * y)|string|length }}", r"bits \(\*\)"),
+])
+def test_every_way_to_build_a_huge_value_is_sized_before_it_is_built(template, match):
+    rejects(template, match, within=2.0)
+
+
+def test_the_time_limit_is_hard_even_for_long_calls():
+    """The template renders in a child process that is killed at the deadline (a trace hook
+    cannot interrupt one C call): the error comes at the deadline, and the next render works."""
+    heavy = "{{ ((range(100000)|map('string')|map('reverse')|list) * 10)|sort|unique|list|length }}"
+    render_chat("{{ 1 }}", [{"role": "user", "content": "x"}])  # the process is up
+    rejects(heavy, "longer than 0.2 s", within=1.0, timeout=0.2)
+    assert render_chat("{{ messages[0].content }}", [{"role": "user", "content": "x"}]) == "x"
+
+
+def test_values_within_the_budget_still_render():
+    m = [{"role": "user", "content": "x"}]
+    assert render_chat("{{ ('a' * 1000 ~ 'b')|length }}", m) == "1001"
+    assert render_chat("{{ ['x', 'y']|join(', ') }} {{ 'a-b'|replace('-', '+') }} {{ '{:>4}'.format(7) }}", m) \
+        == "x, y a+b    7"
+    assert render_chat("{{ '%3d|%-3s|' % (5, 'a') }}{{ '%.2f'|format(3.14159) }}{{ 2 ** 64 }}", m) \
+        == "  5|a  |3.1418446744073709551616"
+    assert render_chat("{{ {'a': [1, {'b': 'c'}]}|tojson(indent=2) }}", m) == \
+        '{\n  "a": [\n    1,\n    {\n      "b": "c"\n    }\n  ]\n}'
 
 
 def test_template_errors_are_reported():
@@ -169,7 +219,7 @@ def test_guarded_filters_still_work(template, expected):
 @pytest.mark.parametrize("template", ["{{ 'a'|wordwrap(1000000000) }}", "{{ 'a b'|truncate(1000000000) }}",
                                       "{{ 'a'|indent(1000000000) }}"])
 def test_width_bombs_through_every_guarded_filter(template):
-    rejects(template, "width 1000000000")
+    rejects(template, "width 1000000000|indents a string of about 1000000001")
 
 
 @pytest.mark.parametrize("typed", ["\U000F00000\U000F0001", "\U000F0000", "a\U000F00017\U000F0001 <|im_end|> b"])
@@ -219,3 +269,18 @@ def test_a_chat_template_that_is_not_text_is_named(smollm2_tokenizer, bad):
 
     with pytest.raises(ValueError, match="chat_template must be a string or a list"):
         Tokenizer(smollm2_tokenizer.backend, chat_template=bad)
+
+
+def test_without_a_rendering_process_the_budgets_still_hold():
+    import subprocess
+    import sys
+
+    code = ("from camelid.text.chat_template import _WORKER, render_chat, ChatTemplateError\n"
+            "m = [{'role': 'user', 'content': 'x'}]\n"
+            "assert render_chat('{{ messages[0].content }}!', m) == 'x!' and _WORKER.proc is None\n"
+            "try:\n    render_chat(\"{{ ('a' * 999999)|replace('a', 'aa') }}\", m)\n"
+            "except ChatTemplateError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "CAMELID_TEMPLATE_PROCESS": "0"})
+    assert out.returncode == 0, out.stderr
+    assert "replaces into a string" in out.stdout
