@@ -79,9 +79,13 @@ class CausalLMWithPast(nn.Module):
         # RoPE position = real tokens before it (left padding). Indexing by slots, not slicing
         # [:, P:], keeps the graph free of guards on T (a view's contiguity checks T != 1).
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, slots]  # (B, T)
-        # Causal, real keys only. A padding query sees no key at all: SDPA (and the exported
-        # softmax, guarded by IsNaN -> 0) give it zeros, which nothing reads.
-        mask = ((keys[None] <= slots[:, None]) & attention_mask.bool()[:, None, :])[:, None]  # (B, 1, T, S)
+        # Causal, real keys only, and each query its own slot: a padding query would otherwise see
+        # no key at all, and a softmax over nothing is NaN in an exported graph wherever the mask
+        # is a float bias (ALiBi): NaN hidden states at padding slots, then NaN keys and values
+        # that real queries weigh by 0 (0 x NaN = NaN). A real query's own slot is a real key, so
+        # this changes nothing it computes; what a padding query computes is never read.
+        own = keys[None] == slots[:, None]  # (T, S)
+        mask = (((keys[None] <= slots[:, None]) & attention_mask.bool()[:, None, :]) | own)[:, None]  # (B, 1, T, S)
         if m.alibi_slopes is not None:
             mask = alibi_bias(m.alibi_slopes, slots, S).masked_fill(~mask, float("-inf"))  # (B, H, T, S)
 
