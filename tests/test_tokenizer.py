@@ -28,6 +28,65 @@ def test_gguf_tokenizer_matches_llama_cpp(smollm2_gguf, smollm2_tokenizer):
 
 
 @pytest.fixture(scope="module")
+def smollm2_vocab_fields(smollm2_gguf):
+    from camelid.formats.gguf_file import GGUFFile
+
+    g = GGUFFile(smollm2_gguf)
+    fields = {k: v for k, v in g.fields.items() if k.startswith("tokenizer.ggml.")}
+    g.close()
+    return fields
+
+
+PRE_EXTRA = ["Hello   world  ", "a\n\n b", "x  \n", "1234567 89", "don't DON'T", "ÅÄÖ åäö", "(a|b).c!?",
+             "x$+<=>^~|`y", "\u1f7d \u1fbe\u1fd3 \u2126\u212a ώ Ω K Kelvin Åström ᾶᾷ", "Ἀθῆναι ὦ φίλε",
+             "…。，、।۔، mixed", "<sentinel:12> IMGIMGABZ", "CamelCase XMLHttpRequest iPhone"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pre", sorted(set(__import__("camelid.text.gguf_vocab", fromlist=["x"]).WRITABLE_PRE)))
+def test_every_llama_cpp_pre_tokenizer_splits_as_llama_cpp_does(pre, smollm2_vocab_fields, tmp_path):
+    """Issue 19, finding 18: GGUFs with other pre-tokenizers (deepseek-llm, deepseek-coder, command-r,
+    mpt, ...) were refused. Each name llama.cpp reads, on the default model's vocabulary written
+    with that name: the same ids as llama-cpp-python on the corpus."""
+    import gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f = smollm2_vocab_fields
+    path = tmp_path / f"{pre}.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(64)
+    w.add_head_count(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(f["tokenizer.ggml.tokens"])
+    w.add_token_types(f["tokenizer.ggml.token_type"])
+    w.add_token_merges(f["tokenizer.ggml.merges"])
+    w.add_bos_token_id(f["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(f["tokenizer.ggml.eos_token_id"])
+    w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    ours = Tokenizer.from_gguf(path)
+    bad = [s for s in CORPUS + PRE_EXTRA
+           if ours.encode(s, add_special_tokens=False) != ref.tokenize(s.encode(), add_bos=False, special=True)]
+    assert bad == []
+
+
+def test_an_unknown_pre_tokenizer_is_named_with_the_known_ones():
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "no-such-pre", "tokenizer.ggml.tokens": ["a"],
+              "tokenizer.ggml.merges": []}
+    with pytest.raises(ValueError, match="pre-tokenizer 'no-such-pre' is not supported; known: .*deepseek-llm"):
+        Tokenizer.from_gguf(fields)
+
+
+@pytest.fixture(scope="module")
 def hf_real_pretokenizer(hf_smollm2_tokenizer):
     """transformers' tokenizer with SmolLM2's own pre-tokenizer (its tokenizer.json: digits one by
     one, then byte-level). transformers' GGUF loader does not map the file's 'smollm' pre-tokenizer."""

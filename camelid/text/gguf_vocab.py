@@ -32,18 +32,59 @@ def save_gguf(model, path, dtype: str = "f16", tokenizer=None):
 
 # ---------------------------------------------------------------------- GGUF fields -> tokenizer
 
-# llama.cpp pre-tokenizer name -> regexes applied in order (from llama.cpp's llama-vocab.cpp table)
+# llama.cpp pre-tokenizer name -> regexes applied in order, each match split off on its own (the
+# table of llama.cpp's llama-vocab.cpp, written for the `tokenizers` (Oniguruma) regex engine:
+# non-ASCII ranges as \x{...} escapes, so no Unicode normalization of this file can change them).
+# Every name is checked against llama-cpp-python's own tokenization (tests/test_tokenizer.py).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-GGUF_PRE = {
-    "default": [GPT2_PATTERN], "gpt2": [GPT2_PATTERN], "gpt-2": [GPT2_PATTERN],
-    "llama-bpe": [LLAMA3_PATTERN], "llama3": [LLAMA3_PATTERN], "llama-v3": [LLAMA3_PATTERN],
-    # digits one by one, then GPT-2's split
-    "smollm": [r"\p{N}", GPT2_PATTERN], "starcoder": [r"\p{N}", GPT2_PATTERN],
-    "refact": [r"\p{N}", GPT2_PATTERN], "codeshell": [r"\p{N}", GPT2_PATTERN],
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+QWEN2_PATTERN = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_CJK = r"[\x{4E00}-\x{9FA5}\x{0800}-\x{4E00}\x{AC00}-\x{D7FF}]+"
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_PORO = r" ?[^(\s|.,!?\x{2026}\x{3002}\x{FF0C}\x{3001}\x{0964}\x{06D4}\x{060C})]+"
+_PRE = {
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", GPT2_PATTERN, r"\p{N}+", "[0-9][0-9][0-9]"],
+    "gpt2": [GPT2_PATTERN],
+    "llama3": [LLAMA3_PATTERN],
+    "digits": [r"\p{N}", GPT2_PATTERN],  # digits one by one, then GPT-2's split
+    "qwen2": [QWEN2_PATTERN],
+    "deepseek-llm": ["[\r\n]", r"\s?[A-Za-z\x{B5}\x{C0}-\x{D6}\x{D8}-\x{F6}\x{F8}-\x{1BA}\x{1BC}-\x{1BF}\x{1C4}-\x{293}\x{295}-\x{2AF}\x{370}-\x{373}\x{376}\x{377}\x{37B}-\x{37D}\x{37F}\x{386}\x{388}-\x{38A}\x{38C}\x{38E}-\x{3A1}\x{3A3}-\x{3F5}\x{3F7}-\x{481}\x{48A}-\x{52F}\x{531}-\x{556}\x{10A0}-\x{10C5}\x{13A0}-\x{13F5}\x{13F8}-\x{13FD}\x{1C90}-\x{1CBA}\x{1CBD}-\x{1CBF}\x{1D00}-\x{1D2B}\x{1D6B}-\x{1D77}\x{1D79}-\x{1D9A}\x{1E00}-\x{1F15}\x{1F18}-\x{1F1D}\x{1F20}-\x{1F45}\x{1F48}-\x{1F4D}\x{1F50}-\x{1F57}\x{1F59}\x{1F5B}\x{1F5D}\x{1F5F}-\x{1F7D}\x{1F80}-\x{1FB4}\x{1FB6}-\x{1FBC}\x{1FBE}\x{1FC2}-\x{1FC4}\x{1FC6}-\x{1FCC}\x{1FD0}-\x{1FD3}\x{1FD6}-\x{1FDB}\x{1FE0}-\x{1FEC}\x{1FF2}-\x{1FF4}\x{1FF6}-\x{1FFC}\x{2102}\x{2107}\x{210A}-\x{2113}\x{2115}\x{2119}-\x{211D}\x{2124}\x{2126}\x{2128}\x{212A}-\x{212D}\x{212F}-\x{2134}\x{2139}\x{213C}-\x{213F}\x{2145}-\x{2149}\x{214E}\x{2183}\x{2184}\x{2C00}-\x{2C7B}\x{2C7E}-\x{2CE4}\x{2CEB}-\x{2CEE}\x{2CF2}\x{2CF3}\x{A640}-\x{A66D}\x{A680}-\x{A69B}\x{A722}-\x{A76F}\x{A771}-\x{A787}\x{A78B}-\x{A78E}\x{AB70}-\x{ABBF}\x{FB00}-\x{FB06}\x{FB13}-\x{FB17}\x{FF21}-\x{FF3A}\x{FF41}-\x{FF5A}\x{10400}-\x{1044F}\x{104B0}-\x{104D3}\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}]+",
+                     r"\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+", r"\s+$",
+                     _CJK, r"\p{N}+"],
+    "deepseek-coder": ["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"],
+    "deepseek-v3": [r"\p{N}{1,3}", r"[\x{4E00}-\x{9FA5}\x{3040}-\x{309F}\x{30A0}-\x{30FF}]+",
+                    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", GPT2_PATTERN, "[0-9][0-9][0-9]"],
+    "poro": [_PORO],
+    "viking": [_PORO, r"\p{N}"],
+    "tekken": [r"[^\r\n\p{L}\p{N}]?" + _UPPER + "*" + _LOWER + r"+|[^\r\n\p{L}\p{N}]?" + _UPPER + "+" + _LOWER +
+               r"*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "gpt-4o": [r"[^\r\n\p{L}\p{N}]?" + _UPPER + "*" + _LOWER + "+" + _CONTRACTIONS + r"?|[^\r\n\p{L}\p{N}]?" + _UPPER +
+               "+" + _LOWER + "*" + _CONTRACTIONS + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "chameleon": ["<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", "([\t\n]|    |  )", r"\p{N}",
+                  r"[\p{P}!-/:-@\[-`{-~]", GPT2_PATTERN],
 }
+_NAMES = {  # the names llama.cpp reads for each split
+    "default": ["default"],
+    "gpt2": ["gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "gigachat", "roberta-bpe", "trillion",
+             "granite-docling"],
+    "llama3": ["llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "dbrx",
+               "smaug-bpe", "chatglm-bpe"],
+    "digits": ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
+    "qwen2": ["qwen2", "stablelm2", "megrez", "deepseek-r1-qwen", "hunyuan"],
+    "deepseek-llm": ["deepseek-llm"], "deepseek-coder": ["deepseek-coder"], "deepseek-v3": ["deepseek-v3"],
+    "falcon": ["falcon"], "poro": ["poro-chat", "bloom", "gpt3-finnish"], "viking": ["viking"],
+    "tekken": ["tekken"], "gpt-4o": ["gpt-4o"], "chameleon": ["chameleon"],
+}
+GGUF_PRE = {name: _PRE[split] for split, names in _NAMES.items() for name in names}
+WRITABLE_PRE = list(GGUF_PRE)  # what camelid writes: names llama.cpp knows
+GGUF_PRE["gpt2"] = [GPT2_PATTERN]  # read (files written before), never written: llama.cpp refuses it
 
 
-LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")  # llama.cpp's names of Llama 3's pre-tokenizer
+LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+# ^ the names for which llama.cpp sets ignore_merges (a word that is a vocabulary token is that token)
 
 
 def gguf_tokenizer_backend(fields: dict):
@@ -221,14 +262,14 @@ def _detect_pre(fields: dict, backend) -> str:
     """The llama.cpp pre-tokenizer name whose splitting reproduces this tokenizer on PROBE_TEXT."""
     want = backend.encode(PROBE_TEXT, parse_special=False)
     tried = {}
-    for name, patterns in GGUF_PRE.items():
-        key = tuple(patterns)
+    for name in WRITABLE_PRE:
+        key = tuple(GGUF_PRE[name])
         if key not in tried:
             got = _gguf_encode({**fields, "tokenizer.ggml.pre": name}, PROBE_TEXT)
             tried[key] = got == want
         if tried[key]:
             return name
-    raise ValueError(f"no llama.cpp pre-tokenizer ({', '.join(GGUF_PRE)}) splits text as this tokenizer does; "
+    raise ValueError(f"no llama.cpp pre-tokenizer ({', '.join(WRITABLE_PRE)}) splits text as this tokenizer does; "
                      f"it cannot be written as GGUF")
 
 
