@@ -151,6 +151,55 @@ def test_load_32_concurrent_streaming_clients(client, model, smollm2_tokenizer, 
           f"one at a time (estimated from 8): {tokens / sequential:.1f} tok/s ({sequential / concurrent:.2f}x)")
 
 
+BAD_SAMPLING = [  # raw JSON: NaN and Infinity are what a careless client's json.dumps writes
+    ("subnormal temperature", '"temperature": 1e-39'), ("NaN temperature", '"temperature": NaN'),
+    ("inf temperature", '"temperature": Infinity'), ("overflowing temperature", '"temperature": 1e999'),
+    ("subnormal top_p", '"top_p": 1e-45, "temperature": 1.0'), ("huge logit_bias", '"logit_bias": {"5": 1e38}'),
+    ("huge logit_bias, sampled", '"logit_bias": {"5": 1e38, "6": 1e38}, "temperature": 0.5'),
+]
+
+
+def test_bad_sampling_values_under_16_streams_fail_alone(server, model, smollm2_tokenizer):
+    """Issue 19, must-show: under 16 streams, a request with each bad sampling value fails alone
+    (a 400, or finish_reason "error" for itself) or decodes as the value allows; the 16 finish,
+    each with its greedy text alone."""
+    tok, url = smollm2_tokenizer, server.url + "/v1/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    prompts = [f"List {i} fruits:" for i in range(16)]
+    streams, bad = [None] * 16, {}
+
+    def stream(i):
+        body = {"model": "smollm2", "prompt": prompts[i], "max_tokens": 24, "min_tokens": 24, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=300) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data:")]
+        chunks = [json.loads(x[6:]) for x in lines[:-1]]
+        streams[i] = ("".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"],
+                      lines[-1])
+
+    def one(name, fields):
+        body = '{"model": "smollm2", "prompt": "Hello", "max_tokens": 8, ' + fields + "}"
+        r = httpx.post(url, content=body, headers=headers, timeout=300)
+        bad[name] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    threads += [threading.Thread(target=one, args=b) for b in BAD_SAMPLING]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i, (text, reason, last) in enumerate(streams):
+        assert reason == "length" and last == "data: [DONE]", i
+        assert text == greedy(model, tok, tok.encode(prompts[i]), 24), i  # decoded as it would alone
+    for name, (status, body) in bad.items():
+        if status == 400:
+            assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"], name
+        else:
+            assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop", "error"), name
+    assert bad["NaN temperature"][0] == bad["inf temperature"][0] == 400
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
 def test_disconnect_mid_stream_frees_the_slot(server):
     engine = server.app.state.engine
     aborted = engine.stats["aborted"]

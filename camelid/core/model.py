@@ -270,7 +270,8 @@ class LlamaModel(nn.Module):
         plain KVCache of that dtype or float16, every query attending causally to its own row's keys, no
         gradient), else
         None: the PyTorch layers run. A prompt's prefill (slot 0 on) always runs them, whatever its
-        length, so a prompt alone and in a batch are prefilled by the same code."""
+        length and wherever its slots start (the engine prefills a joining prompt at the current slot), so
+        a prompt alone, in a batch and joining a running engine is prefilled by the same code."""
         if self.fused_decode is None or torch.compiler.is_compiling():
             return None  # decided before any shape is read: tracing must not guard on T
         B, T, _ = x.shape
@@ -289,6 +290,8 @@ class LlamaModel(nn.Module):
                 return None
             for r in range(B)[g.rows]:
                 starts[r] = g.key_start
+        if any(start == int(slots[0]) for start in starts):
+            return None  # a row with no keys before its queries is a prompt's prefill (the engine's, at a later slot)
         return torch.tensor(starts, dtype=torch.long)
 
 
