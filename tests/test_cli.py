@@ -86,8 +86,13 @@ def test_convert_hf_to_gguf_and_a_failing_tolerance(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+# "What is the capital of France?" alone is a near tie for the 135M model: with the float16 KV cache
+# (llama.cpp's default) it answers "L'Étoile, la Cité, ...", exactly as llama.cpp does on the same file.
+QUESTION = "What is the capital of France? Answer in one word."
+
+
 def test_generate_streams_the_answer(smollm2_gguf, capsys):
-    assert main(["generate", "--model", str(smollm2_gguf), "What is the capital of France?",
+    assert main(["generate", "--model", str(smollm2_gguf), QUESTION,
                  "--max-new-tokens", "16"]) == 0
     assert "Paris" in capsys.readouterr().out
 
@@ -95,7 +100,7 @@ def test_generate_streams_the_answer(smollm2_gguf, capsys):
 def test_generate_json_and_stop(smollm2_gguf, capsys):
     import json as _json
 
-    assert main(["generate", "--model", str(smollm2_gguf), "What is the capital of France?", "--json",
+    assert main(["generate", "--model", str(smollm2_gguf), QUESTION, "--json",
                  "--max-new-tokens", "16", "--stop", "Paris"]) == 0
     result = _json.loads(capsys.readouterr().out)
     assert result["finish_reason"] == "stop" and "Paris" not in result["text"]
@@ -109,7 +114,7 @@ def test_generate_bad_sampling_flag_is_a_clear_error(smollm2_gguf, capsys):
 def test_chat_repl_keeps_history_and_resets(smollm2_gguf, capsys, monkeypatch):
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/reset\n\n/exit\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(QUESTION + "\n/reset\n\n/exit\n"))
     assert main(["chat", "--model", str(smollm2_gguf), "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out and "(history cleared)" in captured.err

@@ -73,3 +73,4 @@ def test_perplexity_on_gpl3_matches_transformers(model, hf_model, smollm2_tokeni
     assert ours.tokens == theirs.tokens == len(ids) - 1
     assert 1.0 < ours.value < 100.0  # an English legal text is not surprising to a language model
     assert abs(ours.value / theirs.value - 1) < 1e-3, (ours.value, theirs.value)
+

@@ -713,7 +713,9 @@ def test_unknown_tensor_type(tmp_path):
 @pytest.mark.parametrize("offset", [64, 2**40, 2**63])
 def test_tensor_data_past_end_of_file(tmp_path, offset):
     infos = [default_tensors()[0], tensor_info("b", [8, 2], offset=offset)]
-    assert_rejected(tmp_path, make_gguf(infos=infos)[0], "tensor 'b' data .* lies past the end of the file")
+    assert_rejected(tmp_path, make_gguf(infos=infos)[0], "tensor 'b' data offset .* leaves a gap: ggml expects 32")
+    truncated = make_gguf()[0][:-8]  # the right offset, the data cut short
+    assert_rejected(tmp_path, truncated, "tensor 'b' data .* lies past the end of the file")
 
 
 def test_duplicate_tensor_name(tmp_path):
@@ -761,3 +763,12 @@ def test_other_corruptions(tmp_path, case):
         kvs.append(_str("general.alignment") + _u32(UINT32) + _u32(24))
         pattern = "general.alignment 24 is not a power of two"
     assert_rejected(tmp_path, make_gguf(kvs=kvs, infos=infos)[0], pattern)
+
+
+@pytest.mark.parametrize("offset, message", [(0, "data offset 0 overlaps the tensor before it: ggml expects 32"),
+                                             (64, "data offset 64 leaves a gap: ggml expects 32")])
+def test_tensor_data_must_follow_the_tensor_before_as_ggml_requires(tmp_path, offset, message):
+    """Issue 19, finding 9: tensors whose data overlapped were accepted (two names, one set of
+    bytes); ggml refuses any offset but the running padded size."""
+    infos = [tensor_info("a", [4]), tensor_info("b", [8, 2], offset=offset)]
+    assert_rejected(tmp_path, make_gguf(infos=infos, data=b"\0" * 160)[0], message)

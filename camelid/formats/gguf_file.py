@@ -154,6 +154,7 @@ class GGUFFile:
             self._fail(f"general.alignment {alignment!r} is not a power of two")
         data_start = -(-self._pos // alignment) * alignment
         size = len(self._buf)
+        expected = 0  # ggml's rule: each tensor's data right after the one before, padded to the alignment
         for name, dims, ttype, offset in infos:
             if name in self.tensors:
                 raise GGUFError(f"{self.path}: duplicate tensor name {name!r}")
@@ -173,6 +174,11 @@ class GGUFFile:
             if offset % alignment:
                 raise GGUFError(f"{self.path}: tensor {name!r} data offset {offset} is not a multiple of the "
                                 f"alignment {alignment}")
+            if offset != expected:
+                raise GGUFError(f"{self.path}: tensor {name!r} data offset {offset} "
+                                f"{'overlaps the tensor before it' if offset < expected else 'leaves a gap'}: "
+                                f"ggml expects {expected} (each tensor's data after the last, padded to {alignment})")
+            expected = offset + -(-nbytes // alignment) * alignment
             if start + nbytes > size:
                 raise GGUFError(f"{self.path}: tensor {name!r} data [{start}, {start + nbytes}) lies past the "
                                 f"end of the file ({size} bytes; truncated or corrupt)")
