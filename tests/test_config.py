@@ -559,3 +559,18 @@ def test_rope_theta_at_or_below_one_is_refused(theta):
     with pytest.raises(ConfigError, match="rope_theta must be greater than 1"):
         LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, rope_theta=theta)
+
+
+def test_longrope_with_a_one_position_original_context_and_deep_json_are_config_errors(tmp_path):
+    """Issue 19, finding 10: ZeroDivisionError at the first forward; RecursionError reading JSON."""
+    from camelid.core.config import ConfigError, LlamaConfig
+
+    base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 64}
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+               "original_max_position_embeddings": 1}
+    with pytest.raises(ConfigError, match="original_max_position_embeddings must be a context length of at least 2"):
+        LlamaConfig.from_dict({**base, "rope_scaling": scaling})
+    (tmp_path / "config.json").write_text('{"a": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        LlamaConfig.from_pretrained(tmp_path)

@@ -772,3 +772,25 @@ def test_tensor_data_must_follow_the_tensor_before_as_ggml_requires(tmp_path, of
     bytes); ggml refuses any offset but the running padded size."""
     infos = [tensor_info("a", [4]), tensor_info("b", [8, 2], offset=offset)]
     assert_rejected(tmp_path, make_gguf(infos=infos, data=b"\0" * 160)[0], message)
+
+
+SP_VOCAB = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "b"],
+            "tokenizer.ggml.scores": [0.0] * 5, "tokenizer.ggml.token_type": [2, 3, 3, 1, 1]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tokenizer.ggml.scores": [0.0] * 3}, "scores must be 5 finite numbers .*got 3 entries"),
+    ({"tokenizer.ggml.scores": ["x"] * 5}, "scores must be 5 finite numbers"),
+    ({"tokenizer.ggml.unknown_token_id": 99}, "unknown_token_id 99 is not a token id of the 5-token vocabulary"),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.merges": [1, 2]},
+     "merges must be strings 'left right'"),
+], ids=["scores-short", "scores-strings", "unknown-id", "merges-ints"])
+def test_tokenizer_fields_that_cannot_describe_the_vocabulary_are_named(change, message):
+    """Issue 19, finding 10: these raised IndexError / AttributeError, or were taken silently."""
+    from camelid.text.tokenizer import Tokenizer
+
+    fields = {**SP_VOCAB, **change}
+    if "tokenizer.ggml.merges" in change:
+        fields.pop("tokenizer.ggml.scores")
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.from_gguf(fields)

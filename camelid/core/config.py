@@ -244,6 +244,8 @@ class LlamaConfig:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise ConfigError(f"{path}: JSON nested too deeply to be a model config") from None
             try:
                 return cls.from_dict(data)
             except ConfigError as e:
@@ -359,6 +361,8 @@ def _validate_rope(scaling: dict, head_dim: int, where: str = "rope_scaling") ->
                      "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
             if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
                 raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
+            if key == "original_max_position_embeddings" and value is not None and value < 2:
+                raise ConfigError(f"{where}.{key} must be a context length of at least 2 positions, got {value!r}")
     if rope_type in ("linear", "dynamic", "ntk", "llama3", "yarn") and scaling["factor"] < 1:
         raise ConfigError(f"{where}.factor must be >= 1 for {rope_type!r}, got {scaling['factor']!r}")
     if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:

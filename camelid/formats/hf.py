@@ -168,7 +168,7 @@ def is_quantized_checkpoint(directory) -> bool:
     try:
         config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
         return config["quantization_config"]["quant_method"] == "camelid"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return False
 
 

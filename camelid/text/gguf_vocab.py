@@ -11,6 +11,7 @@ tokenizer.json BPE) and checked to tokenize a probe text as the tokenizer does.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -99,6 +100,7 @@ def gguf_tokenizer_backend(fields: dict):
     types = fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError("GGUF tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
+    _check_vocab_fields(fields, tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
@@ -127,6 +129,25 @@ def gguf_tokenizer_backend(fields: dict):
     tk.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                    for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
     return HFTokenizers(tk)
+
+
+def _check_vocab_fields(fields: dict, tokens: list) -> None:
+    """ValueError naming the tokenizer.ggml.* field that cannot describe this vocabulary."""
+    n = len(tokens)
+    if not all(isinstance(t, str) for t in tokens):
+        raise ValueError("GGUF tokenizer.ggml.tokens must be strings")
+    scores = fields.get("tokenizer.ggml.scores")
+    if scores is not None and (not isinstance(scores, list) or len(scores) != n or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
+        got = f"{len(scores)} entries" if isinstance(scores, list) else type(scores).__name__
+        raise ValueError(f"GGUF tokenizer.ggml.scores must be {n} finite numbers (one per token), got {got}")
+    merges = fields.get("tokenizer.ggml.merges")
+    if merges is not None and (not isinstance(merges, list) or
+                               not all(isinstance(m, str) and " " in m.strip(" ") for m in merges)):
+        raise ValueError("GGUF tokenizer.ggml.merges must be strings 'left right'")
+    v = fields.get("tokenizer.ggml.unknown_token_id")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n):
+        raise ValueError(f"GGUF tokenizer.ggml.unknown_token_id {v!r} is not a token id of the {n}-token vocabulary")
 
 
 def _merges_from_scores(tokens, scores, types):
