@@ -135,15 +135,13 @@ def load(name_or_path=None, dtype=None, device=None, torch_dtype=None, attn_impl
 
 def _finish(model, adapter, pack):
     """The last steps, in order: adapter, then fuse (quantized) or pack (float, CPU)."""
-    if model.device.type == "cpu" and any(isinstance(m, BlockLinear) for m in model.modules()):
-        model.cache_dtype = "float16"  # GGUF blocks: llama.cpp's KV cache (half the bytes decode reads)
     if adapter is not None:
         load_adapter(model, adapter)
         if is_quantized(model):
             return model  # LoRA wraps the separate projections: no fusing
         merge_and_unload(model)
     if is_quantized(model):
-        return fused_decode(fuse(model))  # fewer kernel calls; decode layers in one native call each
+        return _half_cache(fused_decode(fuse(model)))  # fewer kernel calls; decode layers in one native call each
     if pack is False:
         return model
     if pack and not can_pack(model):
@@ -152,6 +150,15 @@ def _finish(model, adapter, pack):
     if kernels.available() and can_pack(model):  # camelid's float tiles, q/k/v and gate/up fused, and
         return fused_decode(pack_model(fuse(model)))  # decode steps one native call per layer
     return pack_model(model)  # oneDNN's layout where it can (CPU, float32/bfloat16); the rest as it is
+
+
+def _half_cache(model):
+    """GGUF blocks decoded by the fused step keep llama.cpp's float16 KV cache (half the bytes a
+    step reads; the step widens each head once). Decoded by the PyTorch layers (LoRA on top, no
+    kernels), a half cache would be widened whole at every step: those keep the model's dtype."""
+    if model.model.fused_decode is not None and any(isinstance(m, BlockLinear) for m in model.modules()):
+        model.cache_dtype = "float16"
+    return model
 
 
 def _placement(path, dtype, device, device_map, max_memory, quantized):
