@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from camelid.core.cache import KVCache
+from camelid.core.cache import KVCache, PagedView
 from camelid.core.config import LlamaConfig
 from camelid.core.masks import attention_plan, positions_from_mask
 from camelid.core.rope import DYNAMIC_ROPE_TYPES, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
@@ -275,7 +275,10 @@ class LlamaModel(nn.Module):
         if self.fused_decode is None or torch.compiler.is_compiling():
             return None  # decided before any shape is read: tracing must not guard on T
         B, T, _ = x.shape
-        if (T > FUSED_QUERIES or cache is None or type(cache).update is not KVCache.update or rope is None
+        paged = isinstance(cache, PagedView)
+        if paged and (not cache.decode or cache.pool.quantized):
+            return None  # a prefill chunk, or int8 blocks: the PyTorch layers
+        if (T > FUSED_QUERIES or cache is None or (type(cache).update is not KVCache.update and not paged) or rope is None
                 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or self.training
                 or torch.is_grad_enabled() or slots is None or slots.numel() != T
                 or cache.k[0].dtype not in (x.dtype, torch.float16) or not cache.k[0].is_contiguous()

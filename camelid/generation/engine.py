@@ -30,21 +30,65 @@ from camelid.generation.scheduler import EngineStopped, Event, Handle, QueueFull
 __all__ = ["Engine", "EngineStopped", "Event", "Handle", "QueueFull"]
 
 
+def kv_blocks(model, kv_cache_memory, block_size: int, kind: str | None) -> int | None:
+    """The number of KV blocks a budget buys: kv_cache_memory is bytes (an int, or "512MiB", "2GB"),
+    tokens ("65536tokens"), or None (the engine's default: max_batch x context tokens)."""
+    if kv_cache_memory is None:
+        return None
+    from camelid.core.cache import PagedKVCache
+
+    n, unit = parse_budget(kv_cache_memory)
+    if unit == "tokens":
+        blocks = n // block_size
+    else:
+        one = PagedKVCache(model.config, 1, block_size, model.dtype, "meta",
+                           kind if kind is not None else getattr(model, "cache_dtype", None))
+        blocks = n // one.block_nbytes()
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory {kv_cache_memory!r} holds no KV block of {block_size} tokens")
+    return blocks
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_budget(value) -> tuple[int, str]:
+    """(n, "bytes" | "tokens") of 1073741824, "1GiB", "512MB", "65536tokens"."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        n, unit = value, "bytes"
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        u = m.group(2).lower() if m else None
+        if m is None or (u not in _UNITS and u not in ("t", "tok", "tokens")):
+            raise ValueError(f"kv_cache_memory must be bytes (1073741824, 512MiB, 2GB) or tokens (65536tokens), "
+                             f"got {value!r}")
+        n, unit = (int(float(m.group(1)) * _UNITS[u]), "bytes") if u in _UNITS else (int(float(m.group(1))), "tokens")
+    if n <= 0:
+        raise ValueError(f"kv_cache_memory must be positive, got {value!r}")
+    return n, unit
+
+
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
-                 max_total_tokens: int | None = None):
+                 max_total_tokens: int | None = None, kv_cache_memory=None, block_size: int = 16,
+                 max_prefill_chunk: int = 256, prefix_caching: bool = True, kv_cache: str | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
         self.config = model.config
         self.context = min(context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.max_batch, self.max_queue, self.max_total_tokens = max_batch, max_queue, max_total_tokens
-        self.scheduler = Scheduler(self.config.vocab_size, max_batch, max_queue, self.context, max_total_tokens)
-        self.runner = Runner(self.model, max_batch, self.context)
+        self.scheduler = Scheduler(self.config.vocab_size, max_batch, max_queue, self.context, max_total_tokens,
+                                   kv_blocks(model, kv_cache_memory, block_size, kv_cache), block_size,
+                                   max_prefill_chunk, prefix_caching)
+        self.runner = Runner(self.model, self.scheduler.blocks.num_blocks, block_size, kv_cache)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._deadline: threading.Timer | None = None
+        self._reset = False
 
     # ------------------------------------------------------------------ the caller's side
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
@@ -136,6 +180,9 @@ class Engine:
                 self._wake.clear()
                 continue
             try:
+                if self._reset:
+                    self._reset = False
+                    self.scheduler.reset_prefix_cache()
                 with torch.inference_mode():
                     self.step()
             except Exception as e:  # a bug or an out-of-memory: fail the requests, keep serving
@@ -143,15 +190,16 @@ class Engine:
                 self.runner.rows.clear()
 
     def step(self) -> None:
-        """Free cancelled slots, let waiting requests join (each: schedule its prefill, run it,
-        take its first token), then one decode step for every running row."""
-        s, run = self.scheduler, self.runner
-        s.abort_cancelled()
-        s.compact()
-        while (plan := s.next_prefill()) is not None:
-            s.update(plan, run.execute(plan))
-        if (plan := s.next_decode()) is not None:
-            s.update(plan, run.execute(plan))
+        """schedule -> execute -> update: the decode token of every running row and the prefill
+        chunks the budget allows, in one step."""
+        step = self.scheduler.schedule()
+        if step is not None:
+            self.scheduler.update(step, *self.runner.execute(step))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (takes effect between steps)."""
+        self._reset = True
+        self._wake.set()
 
     # ------------------------------------------------------------------ a blocking convenience
     def generate(self, prompt: list[int], max_tokens: int, **kwargs) -> tuple[list[int], str]:

@@ -1,11 +1,15 @@
-"""The engine's runner: the only caller of the model. It owns the KV cache (one row per slot) and
-each running row's decoding state, and carries out the scheduler's Plans: cache moves and shifts,
-the prefill of a joining row or a decode step of rows 0..n-1, then the next-token step
-(generation/step.py) of every row in the plan.
+"""The engine's runner: the only caller of the model. It owns the paged KV cache (core/cache.py
+PagedKVCache) and each request's decoding state, and carries out the scheduler's Steps: each
+prefill chunk (a row alone, through the PyTorch layers), then one decode step of every decoding
+row (one call; row by row inside it), then the next-token step (generation/step.py) of each row
+whose token is new.
+
+A step's rows are laid out as a left-padded batch over a shared clock t (the longest row's
+length): row b's token i sits at slot t - len_b + i, and the view maps slots to its blocks.
 
 Under tensor parallelism (camelid.transforms.tp) rank 0 runs the engine and its runner tells
-every cache operation and forward to the other ranks, whose runners replay them on their shards
-(`follow`); only rank 0 samples.
+every forward to the other ranks, whose runners replay them on their shards of the same block
+pool (`follow`); only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -14,53 +18,48 @@ from dataclasses import dataclass
 
 import torch
 
-from camelid.core.cache import KVCache, model_cache
-from camelid.generation.scheduler import Event, Handle, Plan
+from camelid.core.cache import model_paged_cache
+from camelid.generation.scheduler import Event, Handle, Step
 from camelid.generation.step import Decoding, next_tokens
-
-
-class _RowCache:
-    """The KVCache interface over rows [first, last) of the engine's cache (views: writes go through)."""
-
-    def __init__(self, cache: KVCache, first: int, last: int):
-        self.k = [t[first:last] for t in cache.k]
-        self.v = [t[first:last] for t in cache.v]
-        self.batch_size, self.max_seq_len, self.dtype = last - first, cache.max_seq_len, cache.dtype
-
-    update = KVCache.update
 
 
 @dataclass
 class _Row:
-    """A running row's decoding state: its rules and its text so far (prompt + generated)."""
+    """A request's decoding state: its rules and its text so far (prompt + generated)."""
     decoding: Decoding
     ids: torch.Tensor  # long [1, T]
     n_prompt: torch.Tensor  # long [1]
 
 
 class Runner:
-    def __init__(self, model, max_batch: int, context: int):
+    def __init__(self, model, num_blocks: int, block_size: int, kv_cache: str | None = None):
         self.model = model
         self.device = model.device
-        self.cache = model_cache(model, max_batch, context)
+        self.cache = model_paged_cache(model, num_blocks, block_size, kv_cache)
         self.tp = getattr(model, "tp_world", 1) > 1
         self.leader = not self.tp or model.tp_rank == 0
-        self.rows: dict[int, _Row] = {}  # slot -> decoding state (moves with the row)
+        self.rows: dict[int, _Row] = {}  # request id -> decoding state (kept across a preemption)
 
-    def execute(self, plan: Plan) -> list[Event]:
-        """Run `plan`; one token Event per row of it, in order."""
-        for op, *args in plan.ops:
-            getattr(self, op)(*args)
-        if plan.prefill:
-            h = plan.rows[0]
-            logits = self.prefill(h.slot, h.prompt, plan.t)
-            self.rows[h.slot] = _Row(Decoding.make(h.params, self.model.config.vocab_size, logits.device, h.eos,
-                                                   h.min_tokens, h.logprobs),
-                                     torch.tensor([h.prompt], device=logits.device),
-                                     torch.tensor([len(h.prompt)], device=logits.device))
-        else:
-            logits = self.decode([h.generated[-1] for h in plan.rows], plan.starts, plan.t)
-        return [self._next_isolated(h, logits[i:i + 1]) for i, h in enumerate(plan.rows)]
+    def execute(self, step: Step) -> tuple[list[Event | None], list[Event | None]]:
+        """Run `step`: one Event (or None: no new token) per chunk and per decode row, in order."""
+        for rid in step.release:
+            self.rows.pop(rid, None)
+        chunk_events = []
+        for c in step.chunks:
+            h = c.h
+            logits = self.prefill(h.prompt[c.start:c.end], c.start, list(h.blocks))
+            if c.sample:
+                self.rows[h.rid] = _Row(Decoding.make(h.params, self.model.config.vocab_size, logits.device, h.eos,
+                                                      h.min_tokens, h.logprobs),
+                                        torch.tensor([h.prompt], device=logits.device),
+                                        torch.tensor([len(h.prompt)], device=logits.device))
+            chunk_events.append(self._next_isolated(h, logits) if c.sample else None)
+        decode_events = []
+        if step.decode:
+            logits = self.decode(step.inputs, [h.computed for h in step.decode], [list(h.blocks) for h in step.decode])
+            decode_events = [self._next_isolated(h, logits[i:i + 1]) if s else None
+                             for i, (h, s) in enumerate(zip(step.decode, step.sample))]
+        return chunk_events, decode_events
 
     def _next_isolated(self, h: Handle, logits: torch.Tensor) -> Event:
         """One row's token, or an error Event for that row alone: a request's own sampling values
@@ -71,7 +70,7 @@ class Runner:
             return Event(finish_reason="error", error=f"{type(e).__name__}: {e}")
 
     def _next(self, h: Handle, logits: torch.Tensor) -> Event:
-        row = self.rows[h.slot]
+        row = self.rows[h.rid]
         choice = next_tokens(row.decoding, logits, row.ids, torch.ones_like(row.ids), row.n_prompt,
                              len(h.generated), h.constraint)
         row.ids = torch.cat([row.ids, choice.tokens[:, None]], dim=1)
@@ -82,40 +81,26 @@ class Runner:
                                   list(zip(choice.top_ids[0].tolist(), choice.top_logprobs[0].tolist())))
         return event
 
-    # ------------------------------------------------------------------ the model and the cache (told under TP)
-    def prefill(self, b: int, prompt: list[int], t: int) -> torch.Tensor:
-        """The prompt of row b into slots [t - P, t), alone; its last logits [1, V]."""
-        self._tell("prefill", b, prompt, t)
-        P = len(prompt)
-        mask = torch.zeros(1, t, dtype=torch.long, device=self.device)
-        mask[:, t - P:] = 1
-        ids = torch.tensor([prompt], device=self.device)
-        return self.model(ids, attention_mask=mask, cache=_RowCache(self.cache, b, b + 1),
-                          cache_position=torch.arange(t - P, t, device=self.device), logits_to_keep=1).logits[:, -1]
+    # ------------------------------------------------------------------ the model (told under TP)
+    def prefill(self, tokens: list[int], start: int, blocks: list[int]) -> torch.Tensor:
+        """A prompt's tokens at positions [start, start + len) into its blocks, the row alone,
+        attending to its tokens before them; the last logits [1, V]."""
+        self._tell("prefill", tokens, start, blocks)
+        end = start + len(tokens)
+        ids = torch.tensor([tokens], device=self.device)
+        return self.model(ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
+                          cache=self.cache.view([blocks], [0], decode=False),
+                          cache_position=torch.arange(start, end, device=self.device), logits_to_keep=1).logits[:, -1]
 
-    def decode(self, last: list[int], starts: list[int], t: int) -> torch.Tensor:
-        """One decode step of rows 0..n-1 (their last tokens at slot t, row i attending to slots
-        [starts[i], t]); logits [n, V]."""
-        self._tell("decode", last, starts, t)
-        n = len(last)
-        ids = torch.tensor([[x] for x in last], device=self.device)
+    def decode(self, inputs: list[int], lengths: list[int], blocks: list[list[int]]) -> torch.Tensor:
+        """One decode step: row i feeds inputs[i] as its token lengths[i]; logits [n, V]."""
+        self._tell("decode", inputs, lengths, blocks)
+        t = max(lengths)
+        starts = [t - n for n in lengths]
+        ids = torch.tensor([[x] for x in inputs], device=self.device)
         mask = (torch.arange(t + 1, device=self.device) >= torch.tensor(starts, device=self.device)[:, None]).long()
-        return self.model(ids, attention_mask=mask, cache=_RowCache(self.cache, 0, n),
+        return self.model(ids, attention_mask=mask, cache=self.cache.view(blocks, starts, decode=True),
                           cache_position=torch.tensor([t], device=self.device), logits_to_keep=1).logits[:, -1]
-
-    def move(self, src: int, dst: int, lo: int, hi: int) -> None:
-        """Row src's slots [lo, hi) into row dst (and its decoding state)."""
-        self._tell("move", src, dst, lo, hi)
-        for t in self.cache.k + self.cache.v:
-            t[dst, :, lo:hi] = t[src, :, lo:hi]
-        if src in self.rows:
-            self.rows[dst] = self.rows.pop(src)
-
-    def shift(self, lo: int, hi: int, d: int) -> None:
-        """Every row's slots [lo, hi) to [lo + d, hi + d)."""
-        self._tell("shift", lo, hi, d)
-        for t in self.cache.k + self.cache.v:
-            t[:, :, lo + d:hi + d] = t[:, :, lo:hi].clone()
 
     # ------------------------------------------------------------------ tensor parallel
     def _tell(self, op: str, *args) -> None:

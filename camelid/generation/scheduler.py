@@ -1,35 +1,37 @@
-"""The engine's scheduler: requests, slots, token budgets, the waiting queue and the cache layout,
-as Python numbers. It never calls the model and holds no tensor: it hands the runner one Plan at a
-time (cache moves, then a prefill or a decode step) and takes back one Event per row.
+"""The engine's scheduler: requests, KV blocks, token budgets and the waiting queue, as Python
+numbers. It never calls the model and holds no tensor: each step it hands the runner one Step (the
+prefill chunks of joining requests and one decode step of every running one) and takes back one
+Event per row (vLLM v1's schedule -> execute -> update).
 
-The KV cache has one row (slot) per running request and one shared clock t, the next slot index
-every row writes. A request's tokens sit right-aligned in its row, in slots [start, t), with
-nothing attended before `start`: to the model, the batch is a left-padded batch, which it already
-computes row by row exactly as each row alone (attention_plan in core/masks.py; packed linears on
-CPU give every row the same bits at any batch size). So greedy output does not depend on what
-else is running.
+Every request has a block table (generation/blocks.py): the KV blocks of the paged cache that hold
+its tokens, allocated as tokens arrive and given back when it ends. A prompt is prefilled in chunks
+of at most max_prefill_chunk tokens, one chunk per step beside the decode rows, so a long prompt
+never pauses the running streams for more than one chunk; its first full blocks may already be in
+the cache (prefix caching), and then its prefill starts after them.
 
-    slot:   0  1  2  3  4  5  6  7  8        t = 9
-    row 0   .  .  a  a  a  a  a  a  a        started at 2
-    row 1   .  .  .  .  .  .  b  b  b        joined later (prefill alone into slots 6..8)
-    row 2   (free)
-
-Running rows are kept first (a finished row's slot is refilled by moving the last running row
-into it), so a decode step computes exactly the running rows. A new request is prefilled alone
-into its row, between decode steps. If its prompt is longer than t, every row shifts right; when
-t reaches the end of the cache, every row shifts left by the smallest start. Moves and shifts copy
-only used slots and change no value: RoPE positions count real tokens.
+Greedy output does not depend on what else runs (batch invariance): a chunk starts at a multiple of
+ROW_ALIGN tokens and runs the PyTorch layers, whose per-token bits are then those of the whole
+prompt in one call (the linear kernels tile rows by 16 from a call's first row); decode steps run
+each row alone inside one call; a cached block holds the bits the prompt's own prefill would give.
+When the blocks run out, the request admitted last is preempted: its blocks go back (a later
+prefix hit may find them again) and it waits at the head of the queue. When it runs again its
+prompt is prefilled again, then its generated tokens are fed back one decode step at a time
+(replayed, their logits unused), so its cache holds the same bits it held before.
 """
 
 from __future__ import annotations
 
-import queue
+import itertools
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from camelid.generation.blocks import BlockManager
 from camelid.generation.sampling import SamplingParams, check_top_n, make_logits_processor
+
+ROW_ALIGN = 16  # chunk starts and block sizes are multiples of this (the kernels' row tile)
 
 
 class QueueFull(RuntimeError):
@@ -50,7 +52,10 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+_ids = itertools.count()
+
+
+@dataclass(eq=False)  # compared by identity: two requests alike are still two
 class Handle:
     """A submitted request and its running state (the engine thread owns the state)."""
     prompt: list[int]
@@ -65,37 +70,68 @@ class Handle:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
-    slot: int | None = None
     constraint: object | None = None  # camelid.generation.grammar.JsonConstraint: mask(scores), advance(token)
+    rid: int = field(default_factory=lambda: next(_ids))
+    blocks: list[int] = field(default_factory=list)  # its KV blocks, in token order
+    computed: int = 0  # tokens of prompt + generated whose keys and values are in its blocks
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt) + len(self.generated)
 
 
 @dataclass
-class Plan:
-    """What the runner does next: the cache operations `ops`, in order, then one forward: the
-    prefill of one joining request (its prompt into slots [t - P, t) of its row), or a decode step
-    of rows 0..n-1 (each row's last token at slot t; row i attends to slots [starts[i], t])."""
-    ops: list[tuple]  # ("move", src, dst, lo, hi) | ("shift", lo, hi, d)
-    rows: list[Handle]  # the joining request, or the running rows in slot order
-    t: int
-    starts: list[int]  # the first used slot of each row in `rows`
-    prefill: bool
+class Chunk:
+    """Prompt tokens [start, end) of one request into its blocks; `sample`: the chunk ends the
+    prompt and its last logits give the request's first token."""
+    h: Handle
+    start: int
+    end: int
+    sample: bool
+
+
+@dataclass
+class Step:
+    """What the runner does next: each chunk (a row alone), then one decode step of `decode`, row i
+    feeding token inputs[i] at position lengths[i]; sample[i] False while a preempted row replays."""
+    chunks: list[Chunk]
+    decode: list[Handle]
+    inputs: list[int]
+    sample: list[bool]
+    release: list[int]  # requests ended since the last step: the runner drops their state
+
+
+class _Waiting(deque):
+    def qsize(self) -> int:
+        return len(self)
+
+    def empty(self) -> bool:
+        return not self
 
 
 class Scheduler:
     def __init__(self, vocab_size: int, max_batch: int, max_queue: int, context: int,
-                 max_total_tokens: int | None = None):
+                 max_total_tokens: int | None = None, num_blocks: int | None = None, block_size: int = ROW_ALIGN,
+                 max_prefill_chunk: int = 256, prefix_caching: bool = True):
+        if block_size < ROW_ALIGN or block_size % ROW_ALIGN:
+            raise ValueError(f"block_size must be a positive multiple of {ROW_ALIGN}, got {block_size}")
+        if max_prefill_chunk < ROW_ALIGN:
+            raise ValueError(f"max_prefill_chunk must be at least {ROW_ALIGN} tokens, got {max_prefill_chunk}")
         self.vocab_size, self.max_batch, self.max_queue, self.context = vocab_size, max_batch, max_queue, context
         self.max_total_tokens = max_total_tokens  # prompt + max_tokens over every admitted request
+        self.max_prefill_chunk = max_prefill_chunk - max_prefill_chunk % ROW_ALIGN
+        num_blocks = num_blocks or -(-max_batch * context // block_size)  # the static cache's capacity
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.booked = 0  # that sum now
         self.accepting = True
-        self.waiting: queue.Queue[Handle] = queue.Queue()
-        self.slots: list[Handle | None] = [None] * max_batch
-        self.starts: list[int | None] = [None] * max_batch  # first used cache slot of each row in use
-        self.t = 0
-        self._ops: list[tuple] = []  # cache operations for the next plan
+        self.waiting = _Waiting()
+        self.rows: list[Handle] = []  # admitted (prefilling or decoding), in admission order
+        self._release: list[int] = []
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "finished": 0, "aborted": 0, "tokens": 0, "prompt_tokens": 0,
-                      "errors": 0, "ttft_sum": 0.0, "ttft_count": 0, "steps": 0}
+                      "errors": 0, "ttft_sum": 0.0, "ttft_count": 0, "steps": 0, "preemptions": 0,
+                      "prefix_queries": 0, "prefix_hits": 0, "peak_blocks": 0}
 
     # ------------------------------------------------------------------ requests in
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
@@ -120,26 +156,33 @@ class Scheduler:
         if logprobs is not None:
             check_top_n(logprobs, self.vocab_size)
         cost = len(prompt) + max_tokens
+        need = self.blocks.blocks_for(cost)
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens ({cost} tokens) needs {need} KV blocks of "
+                             f"{self.blocks.block_size} tokens; the KV cache holds {self.blocks.num_blocks} "
+                             f"(raise kv_cache_memory)")
         if self.max_total_tokens is not None and cost > self.max_total_tokens:
             raise ValueError(f"prompt + max_tokens ({cost}) exceeds the server's total token limit "
                              f"{self.max_total_tokens}")
         with self._lock:
-            if self.waiting.qsize() >= self.max_queue + self.slots.count(None):  # free slots take the first ones
-                raise QueueFull(f"{self.waiting.qsize()} requests are waiting (max_queue {self.max_queue})")
+            free_slots = self.max_batch - len(self.rows)
+            if len(self.waiting) >= self.max_queue + max(0, free_slots):  # free slots take the first ones
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
             if self.max_total_tokens is not None and self.booked + cost > self.max_total_tokens:
                 raise QueueFull(f"{self.booked} tokens are booked by running and waiting requests "
                                 f"(max_total_tokens {self.max_total_tokens})")
             self.booked += cost
             self.stats["requests"] += 1
-            self.waiting.put(handle)
+            self.waiting.append(handle)
         return handle
 
     @property
     def running(self) -> int:
-        return sum(s is not None for s in self.slots)
+        return len(self.rows)
 
     def all(self) -> list[Handle]:
-        return [h for h in self.slots if h is not None] + list(self.waiting.queue)
+        with self._lock:
+            return list(self.rows) + list(self.waiting)
 
     def finish(self, h: Handle, reason: str, error: str | None = None) -> None:
         if h.done:
@@ -147,107 +190,153 @@ class Scheduler:
         h.done = True
         with self._lock:
             self.booked -= len(h.prompt) + h.max_tokens
-        if h.slot is not None:
-            self.slots[h.slot] = self.starts[h.slot] = None
+        if h in self.rows:
+            self.rows.remove(h)
+        self.blocks.release(h.blocks)
+        h.blocks = []
+        self._release.append(h.rid)
         self.stats["finished" if reason in ("stop", "length") else "aborted"] += 1
         h.emit(Event(finish_reason=reason, error=error))
 
     def fail_all(self, error: str) -> None:
-        """A step raised (a bug, out of memory): every request ends with the error; the cache is empty."""
+        """A step raised (a bug, out of memory): every request ends with the error."""
         self.stats["errors"] += 1
         for h in self.all():
             self.finish(h, "error", error=error)
-        while not self.waiting.empty():
-            self.waiting.get_nowait()
-        self.slots, self.starts = [None] * self.max_batch, [None] * self.max_batch
-        self.t, self._ops = 0, []
+        with self._lock:
+            self.waiting.clear()
+        self.rows = []
+
+    def reset_prefix_cache(self) -> None:
+        self.blocks.reset()
 
     # ------------------------------------------------------------------ schedule
-    def abort_cancelled(self) -> None:
-        for h in self.slots:
-            if h is not None and h.cancelled:
-                self.finish(h, "abort")
-
-    def compact(self) -> None:
-        """Running rows first: the highest running row moves into the lowest free slot (only its
-        used slots are copied), so a decode step computes exactly the running rows."""
-        while True:
-            live = [b for b, h in enumerate(self.slots) if h is not None]
-            hole = self.slots.index(None) if None in self.slots else len(self.slots)
-            if not live or live[-1] < hole:
-                return
-            src, dst = live[-1], hole
-            self._ops.append(("move", src, dst, self.starts[src], self.t))
-            h = self.slots[src]
-            self.slots[dst], self.slots[src], h.slot = h, None, dst
-            self.starts[dst], self.starts[src] = self.starts[src], None
-
-    def next_prefill(self) -> Plan | None:
-        """The next waiting request that can join now (a free slot, room in the cache), or None."""
-        while None in self.slots and not self.waiting.empty():
-            h = self.waiting.queue[0]
+    def schedule(self) -> Step | None:
+        """The next step: every running row's decode token (growing its blocks, preempting the
+        last admitted when none are left), then prefill chunks within the chunk budget, admitting
+        waiting requests while slots and blocks allow. None when there is nothing to run."""
+        for h in list(self.rows):
             if h.cancelled:
-                self.waiting.get_nowait()
+                self.finish(h, "abort")
+        decode, inputs, sample = [], [], []
+        for h in list(self.rows):
+            if h not in self.rows or h.computed < len(h.prompt):
+                continue
+            if not self._grow(h, h.computed + 1):
+                continue  # h itself was preempted
+            decode.append(h)
+            inputs.append((h.prompt + h.generated)[h.computed])
+            sample.append(h.computed + 1 == h.tokens)
+        chunks, budget = [], self.max_prefill_chunk
+        for h in self.rows:
+            if budget < ROW_ALIGN:
+                break
+            if h.computed < len(h.prompt):
+                chunk = self._chunk(h, budget)
+                if chunk is not None:
+                    chunks.append(chunk)
+                    budget -= chunk.end - chunk.start
+        while budget >= ROW_ALIGN and len(self.rows) < self.max_batch and self.waiting:
+            h = self.waiting[0]
+            if h.cancelled:
+                with self._lock:
+                    self.waiting.popleft()
                 self.finish(h, "abort")
                 continue
-            P = len(h.prompt)
-            if not self._room(P):
-                return None  # wait for running requests to finish
-            self.waiting.get_nowait()
-            b = self.slots.index(None)
-            h.slot, self.slots[b], self.starts[b] = b, h, self.t - P
-            return self._plan([h], prefill=True)
-        return None
+            chunk = self._admit(h, budget)
+            if chunk is None:
+                break  # wait for blocks to come back
+            chunks.append(chunk)
+            budget -= chunk.end - chunk.start
+        if not chunks and not decode and self.rows:  # every row is prefilling and no block is left
+            self._preempt(self.rows[-1])
+            return self.schedule()
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks.used)
+        release, self._release = self._release, []
+        if not chunks and not decode:
+            return Step([], [], [], [], release) if release else None
+        return Step(chunks, decode, inputs, sample, release)
 
-    def next_decode(self) -> Plan | None:
-        """One decode step of every running row, or None when none runs."""
-        if not self.running:
+    def _admit(self, h: Handle, budget: int) -> Chunk | None:
+        hits = self.blocks.lookup(h.prompt)
+        self.blocks.take(hits)
+        h.blocks, h.computed = hits, len(hits) * self.blocks.block_size
+        chunk = self._chunk(h, budget)
+        if chunk is None:
+            self.blocks.release(hits)
+            h.blocks, h.computed = [], 0
             return None
-        if self.t + 1 > self.context:
-            self._shift(-min(self._starts()))
-        self.compact()  # a row that finished while admitting left a hole
-        plan = self._plan(self.slots[:self.running], prefill=False)
-        self.t += 1
-        return plan
+        self.stats["prefix_queries"] += len(h.prompt)
+        self.stats["prefix_hits"] += h.computed
+        with self._lock:
+            self.waiting.popleft()
+        self.rows.append(h)
+        return chunk
 
-    def _plan(self, rows: list[Handle], prefill: bool) -> Plan:
-        ops, self._ops = self._ops, []
-        return Plan(ops, rows, self.t, [self.starts[h.slot] for h in rows], prefill)
+    def _chunk(self, h: Handle, budget: int) -> Chunk | None:
+        """h's next prompt chunk within `budget` tokens (ending at a multiple of ROW_ALIGN unless it
+        ends the prompt), its blocks allocated; None when they cannot be (nobody is preempted for a
+        prefill: the decoding rows go on and give blocks back)."""
+        P, start = len(h.prompt), h.computed
+        end = min(P, start + budget)
+        if end < P:
+            end -= end % ROW_ALIGN
+        if end <= start:
+            return None
+        new = self.blocks.allocate(self.blocks.blocks_for(end) - len(h.blocks))
+        if new is None:
+            return None
+        h.blocks += new
+        return Chunk(h, start, end, sample=end == P and not h.generated)
 
-    def _starts(self) -> list[int]:
-        return [s for s in self.starts if s is not None]
-
-    def _shift(self, d: int) -> None:
-        """Move every row's used slots [lowest start, t) by d (right if > 0, left if < 0)."""
-        self._ops.append(("shift", min(self._starts(), default=self.t), self.t, d))
-        self.starts = [None if s is None else s + d for s in self.starts]
-        self.t += d
-
-    def _room(self, P: int) -> bool:
-        """Make slots [t - P, t] available for a new prompt of P tokens, shifting rows if needed."""
-        starts = self._starts()
-        if not starts:
-            self.t = P
-            return True
-        if self.t + 1 > self.context:  # the clock is at the end: move everything left
-            self._shift(-min(starts))
-        if self.t < P:
-            if self.t + (P - self.t) + 1 > self.context:
+    def _grow(self, h: Handle, tokens: int) -> bool:
+        """Give h blocks for `tokens` tokens, preempting the rows admitted after it (last first) when
+        none are left; False when h itself had to go."""
+        need = self.blocks.blocks_for(tokens) - len(h.blocks)
+        while need > 0:
+            new = self.blocks.allocate(need)
+            if new is not None:
+                h.blocks += new
+                return True
+            victim = self.rows[-1]
+            self._preempt(victim)
+            if victim is h:
                 return False
-            self._shift(P - self.t)
-        return self.t + 1 <= self.context
+        return True
+
+    def _preempt(self, h: Handle) -> None:
+        self.rows.remove(h)
+        self.blocks.release(h.blocks)
+        h.blocks, h.computed = [], 0
+        h.preemptions += 1
+        self.stats["preemptions"] += 1
+        with self._lock:
+            self.waiting.appendleft(h)
 
     # ------------------------------------------------------------------ update
-    def update(self, plan: Plan, events: list[Event]) -> None:
-        """Take the runner's token of each row of `plan`: report it, end the rows that are done."""
-        if plan.prefill:
-            self.stats["prompt_tokens"] += len(plan.rows[0].prompt)
-        else:
-            self.stats["steps"] += 1
-        for h, event in zip(plan.rows, events):
-            if h.cancelled and not plan.prefill:
+    def update(self, step: Step, chunk_events: list[Event | None], decode_events: list[Event | None]) -> None:
+        """Take the runner's results: advance each row, report new tokens, end the rows that are done."""
+        bs = self.blocks.block_size
+        for c, event in zip(step.chunks, chunk_events):
+            h = c.h
+            self.stats["prompt_tokens"] += c.end - c.start
+            if h.done or h not in self.rows:
+                continue
+            h.computed = c.end
+            self.blocks.register(h.blocks, h.prompt, c.end // bs)
+            if h.cancelled:
                 self.finish(h, "abort")
-            else:
+            elif event is not None:
+                self._accept(h, event)
+        if step.decode:
+            self.stats["steps"] += 1
+        for h, event in zip(step.decode, decode_events):
+            if h.done or h not in self.rows:
+                continue
+            h.computed += 1
+            if h.cancelled:
+                self.finish(h, "abort")
+            elif event is not None:
                 self._accept(h, event)
 
     def _accept(self, h: Handle, event: Event) -> None:

@@ -108,7 +108,9 @@ class FusedDecode:
 
     def __call__(self, x, cache, slots, key_start, cos, sin):
         """x [B*T, C] float32 -> after every layer; K/V written into cache at slots [T]."""
-        return torch.ops.camelid.decode_layers(x, *self.args, cache.k, cache.v, slots, key_start, cos, sin, *self.shape)
+        paged = getattr(cache, "block_table", None)  # a PagedView: the op reads and writes through its blocks
+        return torch.ops.camelid.decode_layers(x, *self.args, cache.k, cache.v, slots, key_start, cos, sin, *self.shape,
+                                               paged, cache.block_size if paged is not None else 0)
 
 
 def can_fuse_decode(layer: nn.Module, config) -> bool:

@@ -424,7 +424,8 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
                                 at::IntArrayRef gu_parts, at::TensorList wd, at::IntArrayRef kd,
                                 at::TensorList kc, at::TensorList vc, const at::Tensor& slots,
                                 const at::Tensor& key_start, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
-                                int64_t Hkv, int64_t inter, double scale) {
+                                int64_t Hkv, int64_t inter, double scale, const std::optional<at::Tensor>& blocks,
+                                int64_t block_size) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.is_contiguous(),
               "camelid::decode_layers: x must be contiguous float32 [B * T, C]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.numel() > 0 &&
@@ -444,15 +445,32 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   TORCH_CHECK(int64_t(wqkv.size()) == nq && int64_t(kqkv.size()) == nq && int64_t(wgu.size()) == ng &&
                   int64_t(kgu.size()) == ng,
               "camelid::decode_layers: the q/k/v and gate/up lists need the parts their counts say");
-  const int64_t B = key_start.numel(), T = slots.numel(), R = x_in.size(0), C = x_in.size(1), D = cos.size(-1),
-                S = kc[0].size(2);
+  // A paged cache (blocks given): layer tensors [NB, Hkv, block_size, D]; row b's slot s holds its token
+  // s - key_start[b], in block blocks[b][(s - key_start[b]) / block_size] at offset (s - key_start[b]) % block_size.
+  const bool paged = blocks.has_value();
+  const int64_t B = key_start.numel(), T = slots.numel(), R = x_in.size(0), C = x_in.size(1), D = cos.size(-1);
   TORCH_CHECK(R == B * T, "camelid::decode_layers: x has ", R, " rows, not batch ", B, " x ", T, " queries");
+  TORCH_CHECK(!paged || (blocks->scalar_type() == at::kLong && blocks->dim() == 2 && blocks->size(0) == B &&
+                         blocks->is_contiguous() && block_size > 0 && kc[0].dim() == 4 && kc[0].size(2) == block_size),
+              "camelid::decode_layers: a paged cache needs int64 blocks [B, n] and layers [NB, Hkv, block_size, D]");
+  const int64_t NB = kc[0].size(0), nbt = paged ? blocks->size(1) : 0;
+  const int64_t* bt = paged ? blocks->data_ptr<int64_t>() : nullptr;
+  const int64_t S = paged ? nbt * block_size : kc[0].size(2);  // the slots a row can address
   TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D % 16 == 0 && D > 0, "camelid::decode_layers: heads ", H, "/",
               Hkv, " and head_dim ", D, " (a multiple of 16) do not fit");
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(sl[t] >= 0 && sl[t] < S, "camelid::decode_layers: slot ", sl[t], " outside the cache's ", S);
+    TORCH_CHECK(sl[t] >= 0 && (paged || sl[t] < S), "camelid::decode_layers: slot ", sl[t], " outside the cache's ", S);
   const int64_t* ks = key_start.data_ptr<int64_t>();
+  if (paged)
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ks[b] >= 0, "camelid::decode_layers: a paged row's key_start must be >= 0");
+      for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(sl[t] - ks[b] < S, "camelid::decode_layers: row ", b, "'s slot ", sl[t], " is past its blocks");
+      for (int64_t j = 0; j < nbt; ++j)
+        TORCH_CHECK(bt[b * nbt + j] >= 0 && bt[b * nbt + j] < NB, "camelid::decode_layers: block ", bt[b * nbt + j],
+                    " outside the cache's ", NB);
+    }
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.numel() == R * D && sin.numel() == R * D,
               "camelid::decode_layers: cos/sin must be contiguous float32 [B * T, head_dim]");
@@ -466,9 +484,10 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   for (int64_t l = 0; l < L; ++l) {
     for (const at::Tensor* t : {&kc[l], &vc[l]})
       TORCH_CHECK(t->scalar_type() == kc[0].scalar_type() && t->is_contiguous() && t->dim() == 4 &&
-                      t->size(0) == B && t->size(1) == Hkv && t->size(3) == D && t->size(2) == S,
+                      t->size(0) == (paged ? NB : B) && t->size(1) == Hkv && t->size(3) == D &&
+                      t->size(2) == (paged ? block_size : S),
                   "camelid::decode_layers: layer ", l, "'s KV cache must be contiguous ", kc[0].scalar_type(),
-                  " [B, Hkv, S, D]");
+                  paged ? " [NB, Hkv, block_size, D]" : " [B, Hkv, S, D]");
     TORCH_CHECK(ln1[l].scalar_type() == at::kFloat && ln1[l].numel() == C && ln1[l].is_contiguous() &&
                     ln2[l].scalar_type() == at::kFloat && ln2[l].numel() == C && ln2[l].is_contiguous(),
                 "camelid::decode_layers: layer ", l, "'s norm weights must be float32 [C]");
@@ -509,6 +528,12 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin.data_ptr<float>();
   const int64_t G = H / Hkv;
+  // the element offset of row b's slot s, KV head j, in a layer's cache
+  auto where = [&](int64_t b, int64_t j, int64_t s) -> int64_t {
+    if (!paged) return ((b * Hkv + j) * S + s) * D;
+    const int64_t tok = s - ks[b];
+    return ((bt[b * nbt + tok / block_size] * Hkv + j) * block_size + tok % block_size) * D;
+  };
   const int nth = std::max(1, std::min(at::get_num_threads(), 64));
 
   // rows [i0, i1) of a product's input, quantized as its block weights need
@@ -522,7 +547,7 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
     std::vector<float> sc(std::min<int64_t>(G, 16) * (last + 1));
-    std::vector<float> kf(cache_kind != CACHE_F32 ? (last + 1) * D : 0), vf(kf.size());
+    std::vector<float> kf(cache_kind != CACHE_F32 || paged ? (last + 1) * D : 0), vf(kf.size());
     StageClock clock;
     clock.on = clock.on && tid == 0;
     if (clock.on) profiled_calls += 1;
@@ -540,8 +565,8 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
         const int64_t b = i / T, slot = sl[i % T];
         float* r = qkv.data() + i * nqkv;
         for (int64_t j = 0; j < H + Hkv; ++j) rope(r + j * D, cs + i * D, sn + i * D, D);  // q heads, then k
-        for (int64_t j = 0; j < Hkv; ++j) {
-          const int64_t at = ((b * Hkv + j) * S + slot) * D;
+        for (int64_t j = 0; j < Hkv && !(paged && slot < ks[b]); ++j) {  // a paged padding row has no slot
+          const int64_t at = where(b, j, slot);
           if (cache_kind != CACHE_F32) {
             narrow_row(cache_kind, r + (H + j) * D, D, static_cast<uint16_t*>(ly.kc) + at, level);
             narrow_row(cache_kind, r + (H + Hkv + j) * D, D, static_cast<uint16_t*>(ly.vc) + at, level);
@@ -562,14 +587,28 @@ static at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1, at::
         if (k0 > slot) {  // a row with no keys (padding only): its output is never read
           std::fill_n(y, n * D, 0.f);
         } else {
-          const int64_t head = (b * Hkv + kv) * S * D;
           const float *kh, *vh;
-          if (cache_kind != CACHE_F32) {  // this head's keys and values [k0, slot] as float32 (exact)
+          if (paged) {  // this head's keys and values [k0, slot], block by block, as float32 (exact)
+            for (int64_t s0 = k0; s0 <= slot;) {
+              const int64_t at = where(b, kv, s0), n_s = std::min(slot + 1 - s0, block_size - (s0 - k0) % block_size);
+              if (cache_kind != CACHE_F32) {
+                widen(cache_kind, static_cast<const uint16_t*>(ly.kc) + at, n_s * D, kf.data() + s0 * D, level);
+                widen(cache_kind, static_cast<const uint16_t*>(ly.vc) + at, n_s * D, vf.data() + s0 * D, level);
+              } else {
+                std::copy_n(static_cast<const float*>(ly.kc) + at, n_s * D, kf.data() + s0 * D);
+                std::copy_n(static_cast<const float*>(ly.vc) + at, n_s * D, vf.data() + s0 * D);
+              }
+              s0 += n_s;
+            }
+            kh = kf.data(), vh = vf.data();
+          } else if (cache_kind != CACHE_F32) {  // this head's keys and values [k0, slot] as float32 (exact)
+            const int64_t head = (b * Hkv + kv) * S * D;
             const uint16_t *ksrc = static_cast<const uint16_t*>(ly.kc) + head, *vsrc = static_cast<const uint16_t*>(ly.vc) + head;
             widen(cache_kind, ksrc + k0 * D, (slot + 1 - k0) * D, kf.data() + k0 * D, level);
             widen(cache_kind, vsrc + k0 * D, (slot + 1 - k0) * D, vf.data() + k0 * D, level);
             kh = kf.data(), vh = vf.data();
           } else {
+            const int64_t head = (b * Hkv + kv) * S * D;
             kh = static_cast<const float*>(ly.kc) + head, vh = static_cast<const float*>(ly.vc) + head;
           }
           attend_group(level, n, qkv.data() + i * nqkv + hd * D, kh, vh, k0, slot, D, fs, sc.data(), y);
@@ -617,7 +656,8 @@ TORCH_LIBRARY_FRAGMENT(camelid, m) {
   m.def("decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, float eps, Tensor[] wqkv, int[] kqkv, int[] qkv_parts, "
         "Tensor[] wo, int[] ko, Tensor[] wgu, int[] kgu, int[] gu_parts, Tensor[] wd, int[] kd, Tensor(a!)[] kc, "
         "Tensor(b!)[] vc, Tensor slots, "
-        "Tensor key_start, Tensor cos, Tensor sin, int heads, int kv_heads, int inter, float scale) -> Tensor");
+        "Tensor key_start, Tensor cos, Tensor sin, int heads, int kv_heads, int inter, float scale, "
+        "Tensor? blocks=None, int block_size=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(camelid, CPU, m) { m.impl("decode_layers", &camelid::decode_layers); }
