@@ -9,11 +9,15 @@
     engine.stop()
 
 The engine is a loop over two parts (as vLLM v1 splits it):
-  - the Scheduler (generation/scheduler.py): requests, slots, budgets, the queue and the layout of
-    the KV cache, as Python numbers; it never calls the model. Its docstring draws the layout.
-  - the Runner (generation/runner.py): the only caller of the model; it owns the KV cache and runs
-    each Plan (cache moves, a prefill or a decode step, then the next-token step of each row).
-A step is schedule -> execute -> update, once per joining request and once for the decode.
+  - the Scheduler (generation/scheduler.py): requests, KV blocks (generation/blocks.py: block
+    tables, prefix caching), budgets and the queue, as Python numbers; it never calls the model.
+  - the Runner (generation/runner.py): the only caller of the model; it owns the paged KV cache
+    and runs each Step (prefill chunks, one decode step, then the next-token step of each row).
+A step is schedule -> execute -> update: every running row's next token and the prefill chunks of
+joining requests (at most max_prefill_chunk tokens), so a long prompt never stalls the streams.
+
+    Engine(model, kv_cache_memory="512MiB" | "65536tokens", max_prefill_chunk=256, prefix_caching=True,
+           kv_cache="int8" | "float16" | ...)
 """
 
 from __future__ import annotations
