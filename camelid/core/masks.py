@@ -34,6 +34,9 @@ class AttentionGroup:
     causal: bool = False  # each query sees exactly its row's keys from key_start up to its own slot
 
 
+QUERY_TILE = 64  # inference: queries attend in tiles of this many at fixed positions (see attention_plan)
+
+
 def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_len: int, batch: int,
                    alibi: torch.Tensor | None = None, split_rows: bool = True) -> list[AttentionGroup]:
     """The plan of an HF-style call (what `forward` builds).
@@ -67,17 +70,28 @@ def attention_plan(attention_mask: torch.Tensor | None, slots: torch.Tensor, kv_
         q0 = max(0, p - first)
         if q0 >= T:
             continue  # every query of this row is padding
-        Tq, S = T - q0, kv_len - p
-        mask, is_causal = None, Tq == S and Tq > 1
-        if alibi is not None or Tq not in (1, S):
-            mask = torch.ones(Tq, S, dtype=torch.bool, device=slots.device).tril(S - Tq)[None, None]  # (1, 1, Tq, S)
-        if alibi is not None:
-            bias = alibi_bias(alibi, slots[q0:] - p, S)  # (1, H, Tq, S)
-            mask, is_causal = bias.masked_fill(~mask, float("-inf")), False
         rows = slice(r, r + 1) if split_rows or any(pads) else slice(None)
-        groups.append(AttentionGroup(rows, p, q0, mask, is_causal, whole=batch == 1 and p == 0,
-                                     causal=alibi is None))
+        tile = QUERY_TILE if split_rows else T
+        a = q0
+        while a < T:  # tiles of queries at whole multiples of `tile` in the row's own positions
+            b = min(T, a + tile - (first + a - p) % tile)
+            Tq, S = b - a, first + b - p
+            mask, is_causal = None, Tq == S and Tq > 1
+            if alibi is not None or Tq not in (1, S):
+                mask = _tril(Tq, S, slots.device)
+            if alibi is not None:
+                bias = alibi_bias(alibi, slots[a:b] - p, S)  # (1, H, Tq, S)
+                mask, is_causal = bias.masked_fill(~mask, float("-inf")), False
+            whole = batch == 1 and p == 0 and a == 0 and b == T
+            groups.append(AttentionGroup(rows, p, a, mask, is_causal, whole=whole, causal=alibi is None,
+                                         query_end=None if b == T else b, key_end=None if b == T else p + S))
+            a = b
     return groups
+
+
+def _tril(Tq: int, S: int, device) -> torch.Tensor:
+    """(1, 1, Tq, S): the last Tq of S slots as queries, each seeing the keys up to its own."""
+    return torch.ones(Tq, S, dtype=torch.bool, device=device).tril(S - Tq)[None, None]
 
 
 def _masked_group(docs, slots, kv_len, alibi) -> AttentionGroup:

@@ -10,8 +10,10 @@ never pauses the running streams for more than one chunk; its first full blocks 
 the cache (prefix caching), and then its prefill starts after them.
 
 Greedy output does not depend on what else runs (batch invariance): a chunk starts at a multiple of
-ROW_ALIGN tokens and runs the PyTorch layers, whose per-token bits are then those of the whole
-prompt in one call (the linear kernels tile rows by 16 from a call's first row); decode steps run
+CHUNK_ALIGN tokens and runs the PyTorch layers, whose per-token bits are then those of the whole
+prompt in one call (the linear kernels tile rows by 16 from a call's first row, attention tiles
+queries by QUERY_TILE at fixed positions, core/masks.py), so a prefix hit also ends at a multiple
+of CHUNK_ALIGN; decode steps run
 each row alone inside one call; a cached block holds the bits the prompt's own prefill would give.
 When the blocks run out, the request admitted last is preempted: its blocks go back (a later
 prefix hit may find them again) and it waits at the head of the queue. When it runs again its
@@ -22,16 +24,19 @@ prompt is prefilled again, then its generated tokens are fed back one decode ste
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from camelid.core.masks import QUERY_TILE
 from camelid.generation.blocks import BlockManager
 from camelid.generation.sampling import SamplingParams, check_top_n, make_logits_processor
 
-ROW_ALIGN = 16  # chunk starts and block sizes are multiples of this (the kernels' row tile)
+ROW_ALIGN = 16  # block sizes are multiples of this (the linear kernels' row tile)
+CHUNK_ALIGN = math.lcm(ROW_ALIGN, QUERY_TILE)  # chunk starts (and prefix hits) are multiples of this
 
 
 class QueueFull(RuntimeError):
@@ -116,11 +121,11 @@ class Scheduler:
                  max_prefill_chunk: int = 256, prefix_caching: bool = True):
         if block_size < ROW_ALIGN or block_size % ROW_ALIGN:
             raise ValueError(f"block_size must be a positive multiple of {ROW_ALIGN}, got {block_size}")
-        if max_prefill_chunk < ROW_ALIGN:
-            raise ValueError(f"max_prefill_chunk must be at least {ROW_ALIGN} tokens, got {max_prefill_chunk}")
+        if max_prefill_chunk < CHUNK_ALIGN:
+            raise ValueError(f"max_prefill_chunk must be at least {CHUNK_ALIGN} tokens, got {max_prefill_chunk}")
         self.vocab_size, self.max_batch, self.max_queue, self.context = vocab_size, max_batch, max_queue, context
         self.max_total_tokens = max_total_tokens  # prompt + max_tokens over every admitted request
-        self.max_prefill_chunk = max_prefill_chunk - max_prefill_chunk % ROW_ALIGN
+        self.max_prefill_chunk = max_prefill_chunk - max_prefill_chunk % CHUNK_ALIGN
         num_blocks = num_blocks or -(-max_batch * context // block_size)  # the static cache's capacity
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.booked = 0  # that sum now
@@ -229,14 +234,14 @@ class Scheduler:
             sample.append(h.computed + 1 == h.tokens)
         chunks, budget = [], self.max_prefill_chunk
         for h in self.rows:
-            if budget < ROW_ALIGN:
+            if budget < CHUNK_ALIGN:
                 break
             if h.computed < len(h.prompt):
                 chunk = self._chunk(h, budget)
                 if chunk is not None:
                     chunks.append(chunk)
                     budget -= chunk.end - chunk.start
-        while budget >= ROW_ALIGN and len(self.rows) < self.max_batch and self.waiting:
+        while budget >= CHUNK_ALIGN and len(self.rows) < self.max_batch and self.waiting:
             h = self.waiting[0]
             if h.cancelled:
                 with self._lock:
@@ -259,6 +264,8 @@ class Scheduler:
 
     def _admit(self, h: Handle, budget: int) -> Chunk | None:
         hits = self.blocks.lookup(h.prompt)
+        unit = math.lcm(self.blocks.block_size, CHUNK_ALIGN) // self.blocks.block_size
+        hits = hits[:len(hits) - len(hits) % unit]  # the prefill goes on from a multiple of CHUNK_ALIGN
         self.blocks.take(hits)
         h.blocks, h.computed = hits, len(hits) * self.blocks.block_size
         chunk = self._chunk(h, budget)
@@ -274,13 +281,13 @@ class Scheduler:
         return chunk
 
     def _chunk(self, h: Handle, budget: int) -> Chunk | None:
-        """h's next prompt chunk within `budget` tokens (ending at a multiple of ROW_ALIGN unless it
+        """h's next prompt chunk within `budget` tokens (ending at a multiple of CHUNK_ALIGN unless it
         ends the prompt), its blocks allocated; None when they cannot be (nobody is preempted for a
         prefill: the decoding rows go on and give blocks back)."""
         P, start = len(h.prompt), h.computed
         end = min(P, start + budget)
         if end < P:
-            end -= end % ROW_ALIGN
+            end -= end % CHUNK_ALIGN
         if end <= start:
             return None
         new = self.blocks.allocate(self.blocks.blocks_for(end) - len(h.blocks))
