@@ -1,6 +1,7 @@
 """Loopback helpers shared by the tests that start real servers and process groups."""
 
 import socket
+import threading
 import time
 
 
@@ -24,3 +25,25 @@ def wait_until_up(port: int, proc, timeout: float = 120) -> None:
         assert proc.poll() is None, f"server exited: {proc.stdout.read() if proc.stdout else ''}"
         assert time.time() < deadline, "server did not come up"
         time.sleep(0.2)
+
+
+class AppServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)

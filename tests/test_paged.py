@@ -136,7 +136,7 @@ def test_preemption_when_blocks_run_out_keeps_every_output(model):
     (recomputed, their generated tokens replayed) and still decode what they decode alone."""
     ps = [rand(60, seed=10 + i) for i in range(4)]
     want = reference(model, ps, 90)
-    engine = Engine(model, max_batch=4, kv_cache_memory="320tokens", max_prefill_chunk=64).start()
+    engine = Engine(model, max_batch=4, kv_cache_memory="320tokens", max_prefill_chunk=64, context=320).start()
     try:
         got = run_all(engine, [(p, 90) for p in ps], stagger=0.0, logprobs=True)
     finally:
@@ -208,16 +208,20 @@ def test_a_chunk_size_is_rounded_down_to_the_alignment(model):
     assert Engine(model, max_prefill_chunk=100).scheduler.max_prefill_chunk == 64
 
 
-def test_a_budget_smaller_than_one_request_refuses_that_request(model):
-    engine = Engine(model, kv_cache_memory="64tokens")
+def test_a_budget_smaller_than_one_request_of_the_context_is_refused_at_start(model):
+    with pytest.raises(ValueError, match="kv_cache_memory '64tokens' holds 64 tokens, fewer than one request of "
+                                         "the context length 1024"):
+        Engine(model, kv_cache_memory="64tokens")
+    engine = Engine(model, kv_cache_memory="64tokens", context=64)
     assert engine.scheduler.blocks.num_blocks == 4
-    with pytest.raises(ValueError, match="needs 5 KV blocks.*holds 4 .*raise kv_cache_memory"):
+    with pytest.raises(ValueError, match="exceeds the context length 64"):
         engine.submit(rand(60, 1), 10)
     engine.submit(rand(50, 1), 14)  # 64 tokens fit
 
 
 @pytest.mark.parametrize("budget, match", [
     ("8tokens", "holds no KV block of 16 tokens"),
+    ("1000tokens", "holds 992 tokens, fewer than one request"),
     ("100", "holds no KV block"),
     ("0", "must be positive"),
     ("lots", "must be bytes .* or tokens"),
@@ -236,8 +240,8 @@ def test_parse_budget_units():
 
 
 def test_a_memory_budget_buys_the_blocks_it_can_hold(model):
-    one = Engine(model, kv_cache_memory="16tokens").cache.block_nbytes()
-    assert Engine(model, kv_cache_memory=10 * one + one // 2).scheduler.blocks.num_blocks == 10
+    one = Engine(model, kv_cache_memory="16tokens", context=16).cache.block_nbytes()
+    assert Engine(model, kv_cache_memory=10 * one + one // 2, context=160).scheduler.blocks.num_blocks == 10
 
 
 # ---------------------------------------------------------------------- the default model
@@ -250,7 +254,7 @@ def test_chunked_prefill_prefix_hits_and_preemption_on_the_default_model(smollm2
     system = [1] + rand(299, seed=7)
     ps = [system + rand(3 + 2 * i, seed=70 + i) for i in range(6)]
     want = reference(m, ps, 20)
-    engine = Engine(m, max_batch=4, max_prefill_chunk=64, kv_cache_memory="512tokens").start()
+    engine = Engine(m, max_batch=4, max_prefill_chunk=64, kv_cache_memory="512tokens", context=512).start()
     try:
         got = run_all(engine, [(p, 20) for p in ps], stagger=0.05, logprobs=True)
     finally:

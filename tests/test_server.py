@@ -20,27 +20,12 @@ pytest.importorskip("fastapi")
 
 from camelid import LlamaForCausalLM  # noqa: E402
 from camelid.serve.app import create_app  # noqa: E402
-from netutil import free_port, wait_until_up  # noqa: E402
+from netutil import AppServer, free_port, wait_until_up  # noqa: E402
 
 KEY = "sk-test-key"
 
 
-class Server:
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
+Server = AppServer
 
 
 @pytest.fixture(scope="module")

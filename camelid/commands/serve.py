@@ -23,6 +23,15 @@ def add_arguments(p) -> None:
                    help="prompt + max_tokens summed over running and waiting requests (more: HTTP 429)")
     p.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: --model)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder, merged into the model")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="the paged KV cache's budget: bytes (4GiB, 512MB) or tokens (65536tokens); "
+                        "default max-batch x context tokens")
+    p.add_argument("--max-prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per engine step beside the decoding streams (a multiple of 64)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of prompts that begin alike")
+    p.add_argument("--kv-cache", choices=["int8", "float16", "bfloat16", "float32"], default=None,
+                   help="the KV cache's storage (int8: codes + one scale per token and head)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="on SIGTERM: seconds running requests may still take; then they end with "
                         "finish_reason 'abort' (streams get a final chunk and [DONE])")
@@ -37,5 +46,6 @@ def main(args) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, model_name=args.served_model_name, adapter=args.adapter,
           max_tokens_limit=args.max_tokens_limit, max_total_tokens=args.max_total_tokens, context=args.context,
-          nproc=args.nproc, shutdown_grace=args.shutdown_grace)
+          nproc=args.nproc, shutdown_grace=args.shutdown_grace, kv_cache_memory=args.kv_cache_memory,
+          max_prefill_chunk=args.max_prefill_chunk, prefix_caching=args.prefix_caching, kv_cache=args.kv_cache)
     return 0

@@ -84,9 +84,13 @@ class Engine:
         self.config = model.config
         self.context = min(context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.max_batch, self.max_queue, self.max_total_tokens = max_batch, max_queue, max_total_tokens
+        num_blocks = kv_blocks(model, kv_cache_memory, block_size, kv_cache)
+        if num_blocks is not None and num_blocks * block_size < self.context:
+            raise ValueError(f"kv_cache_memory {kv_cache_memory!r} holds {num_blocks * block_size} tokens, fewer than "
+                             f"one request of the context length {self.context}: raise kv_cache_memory or lower "
+                             f"the context")
         self.scheduler = Scheduler(self.config.vocab_size, max_batch, max_queue, self.context, max_total_tokens,
-                                   kv_blocks(model, kv_cache_memory, block_size, kv_cache), block_size,
-                                   max_prefill_chunk, prefix_caching)
+                                   num_blocks, block_size, max_prefill_chunk, prefix_caching)
         self.runner = Runner(self.model, self.scheduler.blocks.num_blocks, block_size, kv_cache)
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -33,6 +33,7 @@ from typing import Callable
 
 from camelid.core.masks import QUERY_TILE
 from camelid.generation.blocks import BlockManager
+from camelid.generation.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, Histogram
 from camelid.generation.sampling import SamplingParams, check_top_n, make_logits_processor
 
 ROW_ALIGN = 16  # block sizes are multiples of this (the linear kernels' row tile)
@@ -72,6 +73,7 @@ class Handle:
     emit: Callable[[Event], None]
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    last_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
@@ -137,6 +139,7 @@ class Scheduler:
         self.stats = {"requests": 0, "finished": 0, "aborted": 0, "tokens": 0, "prompt_tokens": 0,
                       "errors": 0, "ttft_sum": 0.0, "ttft_count": 0, "steps": 0, "preemptions": 0,
                       "prefix_queries": 0, "prefix_hits": 0, "peak_blocks": 0}
+        self.ttft, self.itl, self.e2e = Histogram(TTFT_BUCKETS), Histogram(TPOT_BUCKETS), Histogram(E2E_BUCKETS)
 
     # ------------------------------------------------------------------ requests in
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
@@ -201,6 +204,7 @@ class Scheduler:
         h.blocks = []
         self._release.append(h.rid)
         self.stats["finished" if reason in ("stop", "length") else "aborted"] += 1
+        self.e2e.observe(time.monotonic() - h.submitted)
         h.emit(Event(finish_reason=reason, error=error))
 
     def fail_all(self, error: str) -> None:
@@ -358,10 +362,15 @@ class Scheduler:
                 self.finish(h, "error", error=str(e))
                 return
         h.generated.append(token)
+        now = time.monotonic()
         if h.first_token_at is None:
-            h.first_token_at = time.monotonic()
-            self.stats["ttft_sum"] += h.first_token_at - h.submitted
+            h.first_token_at = now
+            self.stats["ttft_sum"] += now - h.submitted
             self.stats["ttft_count"] += 1
+            self.ttft.observe(now - h.submitted)
+        else:
+            self.itl.observe(now - h.last_token_at)
+        h.last_token_at = now
         self.stats["tokens"] += 1
         h.emit(event)
         if token in h.eos:

@@ -33,10 +33,13 @@ from camelid.serve.stream import Server, respond
 
 def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_tokens_limit: int | None = None, context: int | None = None,
-               max_total_tokens: int | None = None):
+               max_total_tokens: int | None = None, **engine_options):
+    """The FastAPI app over one Engine; engine_options go to it (kv_cache_memory, max_prefill_chunk,
+    prefix_caching, kv_cache, block_size)."""
     from fastapi import FastAPI, Request
 
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context, max_total_tokens=max_total_tokens)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context, max_total_tokens=max_total_tokens,
+                    **engine_options)
     server = Server(engine, tokenizer, model_name, limit=max_tokens_limit or engine.context,
                     vocab_size=model.config.vocab_size, eos=tokenizer.eos_token_ids)
 
@@ -91,6 +94,11 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
     async def chat_completions(request: Request):
         return await chat_completion(server, request)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        engine.reset_prefix_cache()
+        return {"status": "ok"}
+
     @app.get("/metrics")
     async def metrics():
         from fastapi.responses import PlainTextResponse
@@ -132,26 +140,81 @@ async def chat_completion(server: Server, request):
 
 
 def metrics_text(server: Server) -> str:
-    """Prometheus' text format: the engine's queue, batch and counters, and the HTTP errors."""
+    """Prometheus' text format: camelid's own names, and the gauges, counters and histograms that
+    routers and dashboards read under vLLM's names (llm-d / the Gateway API Inference Extension,
+    KServe and SkyServe place requests on queue depth, running requests and KV-cache usage)."""
     engine, counters = server.engine, server.counters
-    s = engine.stats
-    lines = [
-        ("camelid_queue_depth", "gauge", "requests waiting for a slot", engine.waiting.qsize()),
-        ("camelid_running_sequences", "gauge", "sequences in the running batch", engine.running),
-        ("camelid_requests_total", "counter", "requests accepted by the engine", s["requests"]),
-        ("camelid_requests_finished_total", "counter", "requests ended by stop or length", s["finished"]),
-        ("camelid_requests_aborted_total", "counter", "requests cancelled (disconnect, stop string, shutdown)", s["aborted"]),
-        ("camelid_generated_tokens_total", "counter", "tokens generated", s["tokens"]),
-        ("camelid_prompt_tokens_total", "counter", "prompt tokens prefilled", s["prompt_tokens"]),
-        ("camelid_time_to_first_token_seconds_sum", "counter", "summed time to first token", s["ttft_sum"]),
-        ("camelid_time_to_first_token_seconds_count", "counter", "requests with a first token", s["ttft_count"]),
-        ("camelid_engine_errors_total", "counter", "engine steps that failed", s["errors"]),
-        ("camelid_http_errors_total", "counter", "error responses", counters["http_errors"]),
-        ("camelid_client_disconnects_total", "counter", "clients that left mid-request", counters["disconnects"]),
-        ("camelid_generation_tokens_per_second", "gauge", "tokens generated per second since start",
-         s["tokens"] / max(time.time() - server.started, 1e-9)),
-    ]
-    return "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
+    sched = engine.scheduler
+    s, blocks = sched.stats, sched.blocks
+    usage = blocks.used / blocks.num_blocks
+    label = {"model_name": server.model_name}
+    out: list[str] = []
+
+    def metric(name, kind, help, value, labels=None):
+        out.append(f"# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{_labels(labels)} {_num(value)}\n")
+
+    def histogram(name, help, h):
+        lines = [f"# HELP {name} {help}\n# TYPE {name} histogram\n"]
+        lines += [f"{name}_bucket{_labels({**label, 'le': le})} {n}\n" for le, n in h.cumulative()]
+        lines += [f"{name}_sum{_labels(label)} {_num(h.sum)}\n", f"{name}_count{_labels(label)} {h.count}\n"]
+        out.append("".join(lines))
+
+    metric("camelid_queue_depth", "gauge", "requests waiting for a slot", engine.waiting.qsize())
+    metric("camelid_running_sequences", "gauge", "sequences in the running batch", engine.running)
+    metric("camelid_requests_total", "counter", "requests accepted by the engine", s["requests"])
+    metric("camelid_requests_finished_total", "counter", "requests ended by stop or length", s["finished"])
+    metric("camelid_requests_aborted_total", "counter", "requests cancelled (disconnect, stop string, shutdown)",
+           s["aborted"])
+    metric("camelid_generated_tokens_total", "counter", "tokens generated", s["tokens"])
+    metric("camelid_prompt_tokens_total", "counter", "prompt tokens prefilled", s["prompt_tokens"])
+    metric("camelid_time_to_first_token_seconds_sum", "counter", "summed time to first token", s["ttft_sum"])
+    metric("camelid_time_to_first_token_seconds_count", "counter", "requests with a first token", s["ttft_count"])
+    metric("camelid_engine_errors_total", "counter", "engine steps that failed", s["errors"])
+    metric("camelid_http_errors_total", "counter", "error responses", counters["http_errors"])
+    metric("camelid_client_disconnects_total", "counter", "clients that left mid-request", counters["disconnects"])
+    metric("camelid_generation_tokens_per_second", "gauge", "tokens generated per second since start",
+           s["tokens"] / max(time.time() - server.started, 1e-9))
+    metric("camelid_kv_cache_blocks", "gauge", "KV blocks in the paged cache", blocks.num_blocks)
+    metric("camelid_kv_cache_blocks_used", "gauge", "KV blocks held by requests", blocks.used)
+    metric("camelid_preemptions_total", "counter", "requests preempted (recomputed) when KV blocks ran out",
+           s["preemptions"])
+    # vLLM's names, labelled with the served model as vLLM labels them
+    metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", engine.running,
+           label)
+    metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+           engine.waiting.qsize(), label)
+    metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", usage, label)
+    metric("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage (the older name).",
+           usage, label)
+    metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions.", s["preemptions"], label)
+    metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", s["prompt_tokens"], label)
+    metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", s["tokens"], label)
+    metric("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           s["prefix_queries"], label)
+    metric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", s["prefix_hits"],
+           label)
+    metric("vllm:gpu_prefix_cache_hit_rate", "gauge", "Prefix-cache hit rate: hits over queried prompt tokens.",
+           s["prefix_hits"] / max(s["prefix_queries"], 1), label)
+    adapters = server.adapters() if hasattr(server, "adapters") else ([], [])
+    metric("vllm:lora_requests_info", "gauge", "Running stats on LoRA requests.", server.started,
+           {"running_lora_adapters": ",".join(adapters[0]), "waiting_lora_adapters": ",".join(adapters[1]),
+            "max_lora": str(getattr(server, "max_lora", 0))})
+    histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", sched.ttft)
+    histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", sched.itl)
+    histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", sched.itl)
+    histogram("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", sched.e2e)
+    return "".join(out)
+
+
+def _labels(labels: dict | None) -> str:
+    if not labels:
+        return ""
+    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in labels.items()}
+    return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"
+
+
+def _num(v) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
 
 
 # ---------------------------------------------------------------------- the program
@@ -159,12 +222,13 @@ def metrics_text(server: Server) -> str:
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
           max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
-          nproc: int = 1, shutdown_grace: float = 30.0) -> None:
+          nproc: int = 1, shutdown_grace: float = 30.0, **engine_options) -> None:
     """Load `model` (name or path; the default model when None) and serve it until SIGTERM/SIGINT.
-    nproc > 1: tensor parallel over that many processes; rank 0 serves, the others follow."""
+    nproc > 1: tensor parallel over that many processes; rank 0 serves, the others follow.
+    engine_options: kv_cache_memory, max_prefill_chunk, prefix_caching, kv_cache (camelid.generation.engine)."""
     options = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                    model_name=model_name, max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens,
-                   context=context, shutdown_grace=shutdown_grace)
+                   context=context, shutdown_grace=shutdown_grace, engine_options=engine_options)
     if shutdown_grace < 0:
         raise ValueError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
     if nproc > 1:
@@ -187,13 +251,14 @@ def _serve_rank(rank, world, model, options):
     if rank == 0:
         _serve(model, llm=llm, **options)
     else:
-        Engine(llm, max_batch=options["max_batch"], context=options["context"]).follow()  # rank 0's cache shapes
+        Engine(llm, max_batch=options["max_batch"], context=options["context"],  # rank 0's cache shapes
+               **options["engine_options"]).follow()
 
 
 def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
            max_queue: int = 64, model_name: str | None = None, adapter: str | None = None,
            max_tokens_limit: int | None = None, max_total_tokens: int | None = None, context: int | None = 4096,
-           llm=None, shutdown_grace: float = 30.0) -> None:
+           llm=None, shutdown_grace: float = 30.0, engine_options=None) -> None:
     import importlib.util
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
@@ -204,12 +269,18 @@ def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str |
 
     llm = _load_model(model, adapter, llm)
     tokenizer = Tokenizer.from_pretrained(model)
+    engine_options = engine_options or {}
     name = model_name or (str(model) if model is not None else "smollm2-135m-instruct")
     app = create_app(llm, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens, context=context)
+                     max_tokens_limit=max_tokens_limit, max_total_tokens=max_total_tokens, context=context,
+                     **engine_options)
     engine = app.state.engine
-    print(f"camelid serve: {name}, {max_batch} slots x {engine.context} tokens of KV cache "
-          f"({engine.cache.nbytes() / 2**20:.0f} MiB)", flush=True)
+    blocks = engine.scheduler.blocks
+    print(f"camelid serve: {name}, {max_batch} slots, context {engine.context}; KV cache {blocks.num_blocks} "
+          f"blocks of {blocks.block_size} tokens ({engine.cache.nbytes() / 2**20:.0f} MiB"
+          f"{', ' + engine.cache.kind if engine.cache.kind else ''}), prefill chunks of "
+          f"{engine.scheduler.max_prefill_chunk} tokens, prefix caching {'on' if blocks.prefix_caching else 'off'}",
+          flush=True)
     _run(app, engine, host, port, shutdown_grace)
 
 
