@@ -4,7 +4,9 @@
 
 Routes: GET /health (no key needed), GET /v1/models, POST /v1/completions, POST
 /v1/chat/completions (JSON, or server-sent events ending with `data: [DONE]` when "stream": true),
-GET /metrics (Prometheus text). Errors are OpenAI-shaped JSON, never a 500 for bad input:
+POST /v1/messages and /v1/messages/count_tokens (Anthropic's Messages API, messages.py), GET
+/metrics (Prometheus text: camelid's names and vLLM's), POST /reset_prefix_cache. Errors are
+OpenAI-shaped JSON (Anthropic-shaped on /v1/messages), never a 500 for bad input:
 
     400 the body is not JSON / not an object / nested too deep, or a field is invalid
     401 missing or wrong API key (compared in constant time; every route but /health)
@@ -26,7 +28,7 @@ import hmac
 import time
 
 from camelid.generation.engine import Engine
-from camelid.serve import protocol
+from camelid.serve import messages, protocol
 from camelid.serve.protocol import APIError
 from camelid.serve.stream import Server, respond
 
@@ -58,7 +60,7 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
                 check_key(request, api_key)
             response = await call_next(request)
         except APIError as e:
-            response = error(server, e)
+            response = error(server, e, request)
         if "transfer-encoding" in request.headers and "content-length" in request.headers:
             # RFC 9112 6.1: a request with both may be smuggling one; the server must close the
             # connection after responding (uvicorn closes it on this header)
@@ -67,15 +69,16 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return error(server, e)
+        return error(server, e, request)
 
     @app.exception_handler(404)
     async def not_found(request, e):
-        return error(server, APIError(404, f"no route {request.method} {request.url.path}", type="not_found_error"))
+        return error(server, APIError(404, f"no route {request.method} {request.url.path}", type="not_found_error"),
+                     request)
 
     @app.exception_handler(405)
     async def not_allowed(request, e):
-        return error(server, APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+        return error(server, APIError(405, f"{request.method} is not allowed on {request.url.path}"), request)
 
     @app.get("/health")
     async def health():
@@ -94,6 +97,18 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
     async def chat_completions(request: Request):
         return await chat_completion(server, request)
 
+    @app.post("/v1/messages")
+    async def anthropic_messages(request: Request):
+        body = await protocol.read_body(request)
+        protocol.check_model(body, server.model_name)
+        return await messages.respond(server, request, body)
+
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(request: Request):
+        body = await protocol.read_body(request)
+        protocol.check_model(body, server.model_name)
+        return messages.count_tokens(server, body)
+
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():
         engine.reset_prefix_cache()
@@ -111,17 +126,21 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
 # ---------------------------------------------------------------------- what the routes do
 
 def check_key(request, api_key: str) -> None:
+    """Authorization: Bearer KEY (OpenAI's clients) or x-api-key: KEY (Anthropic's)."""
     given = request.headers.get("authorization", "")
-    token = given[7:] if given.lower().startswith("bearer ") else ""
+    token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
     if not hmac.compare_digest(token.encode(), api_key.encode()):
-        raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", type="authentication_error")
+        raise APIError(401, "missing or wrong API key (Authorization: Bearer ... or x-api-key)",
+                       type="authentication_error")
 
 
-def error(server: Server, e: APIError):
+def error(server: Server, e: APIError, request=None):
+    """The error response: Anthropic's shape on /v1/messages, OpenAI's elsewhere."""
     from fastapi.responses import JSONResponse
 
     server.counters["http_errors"] += 1
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    anthropic = request is not None and request.url.path.startswith("/v1/messages")
+    return JSONResponse(messages.error_body(e) if anthropic else e.body(), status_code=e.status, headers=e.headers)
 
 
 async def completion(server: Server, request):

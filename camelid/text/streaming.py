@@ -80,6 +80,7 @@ class StopMatcher:
         self.text = ""
         self.sent = 0  # characters of text already returned as deltas
         self.hit = False
+        self.matched: str | None = None  # the stop string that matched
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
         if not self.hit:
@@ -96,5 +97,8 @@ class StopMatcher:
     def _find(self, start: int) -> int | None:
         """Where the earliest stop string begins at or after `start` (earlier text was checked:
         a stop string that began before it would have ended inside the text already searched)."""
-        found = [i for s in self.stop if (i := self.text.find(s, start)) != -1]
-        return min(found) if found else None
+        found = [(i, n, s) for n, s in enumerate(self.stop) if (i := self.text.find(s, start)) != -1]
+        if not found:
+            return None
+        at, _, self.matched = min(found)  # the earliest; at a tie, the one listed first
+        return at
