@@ -101,10 +101,11 @@ class Engine:
     # ------------------------------------------------------------------ the caller's side
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
                min_tokens: int = 0, logprobs: int | None = None, emit: Callable[[Event], None] = lambda e: None,
-               constraint=None) -> Handle:
-        """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped."""
+               constraint=None, prompt_logprobs: int | None = None) -> Handle:
+        """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped.
+        prompt_logprobs=n: the first token's Event carries each prompt token's logprob (Scheduler.submit)."""
         handle = self.scheduler.submit(prompt, max_tokens, params, eos_token_ids, min_tokens, logprobs, emit,
-                                       constraint)
+                                       constraint, prompt_logprobs)
         self._wake.set()
         return handle
 

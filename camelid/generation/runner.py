@@ -47,19 +47,38 @@ class Runner:
         chunk_events = []
         for c in step.chunks:
             h = c.h
-            logits = self.prefill(h.prompt[c.start:c.end], c.start, list(h.blocks))
+            every = h.prompt_logprobs is not None
+            logits = self.prefill(h.prompt[c.start:c.end], c.start, list(h.blocks), every)
+            scored = self._prompt_logprobs(h, c.start, c.end, logits) if every else None
+            logits = logits[:, -1]
             if c.sample:
                 self.rows[h.rid] = _Row(Decoding.make(h.params, self.model.config.vocab_size, logits.device, h.eos,
                                                       h.min_tokens, h.logprobs),
                                         torch.tensor([h.prompt], device=logits.device),
                                         torch.tensor([len(h.prompt)], device=logits.device))
-            chunk_events.append(self._next_isolated(h, logits) if c.sample else None)
+            event = self._next_isolated(h, logits) if c.sample else None
+            if scored is not None:
+                event = event or Event()
+                event.prompt_logprobs = scored
+            chunk_events.append(event)
         decode_events = []
         if step.decode:
             logits = self.decode(step.inputs, [h.computed for h in step.decode], [list(h.blocks) for h in step.decode])
             decode_events = [self._next_isolated(h, logits[i:i + 1]) if s else None
                              for i, (h, s) in enumerate(zip(step.decode, step.sample))]
         return chunk_events, decode_events
+
+    @staticmethod
+    def _prompt_logprobs(h: Handle, start: int, end: int, logits: torch.Tensor) -> list:
+        """(logprob, top n) of each prompt token in (start, min(end + 1, P)) given those before it,
+        from the chunk's logits [1, end - start, V] (log-softmax of the raw logits, in float32)."""
+        nxt = torch.tensor(h.prompt[start + 1:end + 1], device=logits.device)
+        lp = logits[0, :len(nxt)].float().log_softmax(-1)
+        chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+        if not h.prompt_logprobs:
+            return [(c, []) for c in chosen]
+        values, ids = lp.topk(h.prompt_logprobs, dim=-1)
+        return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
     def _next_isolated(self, h: Handle, logits: torch.Tensor) -> Event:
         """One row's token, or an error Event for that row alone: a request's own sampling values
@@ -82,15 +101,16 @@ class Runner:
         return event
 
     # ------------------------------------------------------------------ the model (told under TP)
-    def prefill(self, tokens: list[int], start: int, blocks: list[int]) -> torch.Tensor:
+    def prefill(self, tokens: list[int], start: int, blocks: list[int], every: bool = False) -> torch.Tensor:
         """A prompt's tokens at positions [start, start + len) into its blocks, the row alone,
-        attending to its tokens before them; the last logits [1, V]."""
-        self._tell("prefill", tokens, start, blocks)
+        attending to its tokens before them; the logits [1, 1 or len (every), V]."""
+        self._tell("prefill", tokens, start, blocks, every)
         end = start + len(tokens)
         ids = torch.tensor([tokens], device=self.device)
         return self.model(ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
                           cache=self.cache.view([blocks], [0], decode=False),
-                          cache_position=torch.arange(start, end, device=self.device), logits_to_keep=1).logits[:, -1]
+                          cache_position=torch.arange(start, end, device=self.device),
+                          logits_to_keep=0 if every else 1).logits
 
     def decode(self, inputs: list[int], lengths: list[int], blocks: list[list[int]]) -> torch.Tensor:
         """One decode step: row i feeds inputs[i] as its token lengths[i]; logits [n, V]."""

@@ -56,6 +56,9 @@ class Event:
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    # with the first token of a request that asked for prompt_logprobs: per prompt token after the
+    # first, (its logprob, [(id, logprob)] of the most likely) given the tokens before it
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 _ids = itertools.count()
@@ -82,6 +85,8 @@ class Handle:
     blocks: list[int] = field(default_factory=list)  # its KV blocks, in token order
     computed: int = 0  # tokens of prompt + generated whose keys and values are in its blocks
     preemptions: int = 0
+    prompt_logprobs: int | None = None  # top-n of each prompt token's logprobs wanted (None: none)
+    prompt_lp: list | None = None  # what the prefill chunks found, by position (kept across a preemption)
 
     @property
     def tokens(self) -> int:
@@ -144,8 +149,10 @@ class Scheduler:
     # ------------------------------------------------------------------ requests in
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
                min_tokens: int = 0, logprobs: int | None = None, emit: Callable[[Event], None] = lambda e: None,
-               constraint=None) -> Handle:
-        """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped."""
+               constraint=None, prompt_logprobs: int | None = None) -> Handle:
+        """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped.
+        prompt_logprobs=n: the first token's Event also carries every prompt token's logprob and
+        the n most likely tokens at its position (such a prompt is prefilled whole: no prefix hit)."""
         if not self.accepting:
             raise EngineStopped("the server is shutting down")
         if not prompt:
@@ -159,10 +166,13 @@ class Scheduler:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         handle = Handle(list(prompt), max_tokens, params or SamplingParams(), frozenset(eos_token_ids), min_tokens,
-                        logprobs, emit, constraint=constraint)
+                        logprobs, emit, constraint=constraint, prompt_logprobs=prompt_logprobs)
         make_logits_processor(handle.params, self.vocab_size)  # validates the parameters now
-        if logprobs is not None:
-            check_top_n(logprobs, self.vocab_size)
+        for n in (logprobs, prompt_logprobs):
+            if n is not None:
+                check_top_n(n, self.vocab_size)
+        if prompt_logprobs is not None:
+            handle.prompt_lp = [None] * (len(prompt) - 1)
         cost = len(prompt) + max_tokens
         need = self.blocks.blocks_for(cost)
         if need > self.blocks.num_blocks:
@@ -267,7 +277,7 @@ class Scheduler:
         return Step(chunks, decode, inputs, sample, release)
 
     def _admit(self, h: Handle, budget: int) -> Chunk | None:
-        hits = self.blocks.lookup(h.prompt)
+        hits = self.blocks.lookup(h.prompt) if h.prompt_logprobs is None else []
         unit = math.lcm(self.blocks.block_size, CHUNK_ALIGN) // self.blocks.block_size
         hits = hits[:len(hits) - len(hits) % unit]  # the prefill goes on from a multiple of CHUNK_ALIGN
         self.blocks.take(hits)
@@ -335,6 +345,12 @@ class Scheduler:
                 continue
             h.computed = c.end
             self.blocks.register(h.blocks, h.prompt, c.end // bs)
+            if event is not None and event.prompt_logprobs is not None:  # positions c.start + 1 .. c.end - 1 + 1
+                got = event.prompt_logprobs
+                h.prompt_lp[c.start:c.start + len(got)] = got
+                event = None if event.token is None and event.error is None else event
+                if event is not None:
+                    event.prompt_logprobs = list(h.prompt_lp)
             if h.cancelled:
                 self.finish(h, "abort")
             elif event is not None:

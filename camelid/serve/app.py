@@ -5,7 +5,9 @@
 Routes: GET /health (no key needed), GET /v1/models, POST /v1/completions, POST
 /v1/chat/completions (JSON, or server-sent events ending with `data: [DONE]` when "stream": true),
 POST /v1/messages and /v1/messages/count_tokens (Anthropic's Messages API, messages.py), GET
-/metrics (Prometheus text: camelid's names and vLLM's), POST /reset_prefix_cache. Errors are
+/metrics (Prometheus text: camelid's names and vLLM's), POST /reset_prefix_cache, and the
+tokenizer's routes as vLLM and llama-server have them (POST /tokenize, /detokenize, GET
+/tokenizer_info: what lm-eval's remote tokenizer probes), GET /v1/models/{id}. Errors are
 OpenAI-shaped JSON (Anthropic-shaped on /v1/messages), never a 500 for bad input:
 
     400 the body is not JSON / not an object / nested too deep, or a field is invalid
@@ -84,10 +86,35 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
     async def health():
         return {"status": "ok" if engine._accepting else "shutting down"}
 
+    def card(name):
+        return {"id": name, "object": "model", "created": int(server.started), "owned_by": "camelid",
+                "max_model_len": engine.context}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(server.started),
-                                            "owned_by": "camelid"}]}
+        return {"object": "list", "data": [card(model_name)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str):
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
+                           type="not_found_error")
+        return card(name)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return protocol.tokenize(await protocol.read_body(request), server.tokenizer, engine.context)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return protocol.detokenize(await protocol.read_body(request), server.tokenizer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = server.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": tok.chat_template, "model_max_length": engine.context,
+                "vocab_size": len(tok)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -146,8 +173,9 @@ def error(server: Server, e: APIError, request=None):
 async def completion(server: Server, request):
     body = await protocol.read_body(request)
     protocol.check_model(body, server.model_name)
-    ids, lp = protocol.completion_request(body, server.tokenizer)
-    return await respond(server, request, body, ids, chat=False, logprobs=lp is not None, top_logprobs=lp or 0)
+    ids, texts, lp, echo = protocol.completion_request(body, server.tokenizer)
+    return await respond(server, request, body, None, chat=False, logprobs=lp is not None, top_logprobs=lp or 0,
+                         prompts=list(zip(ids, texts)), echo=echo)
 
 
 async def chat_completion(server: Server, request):

@@ -172,22 +172,75 @@ def max_tokens(body: dict, prompt_len: int, default: int, limit: int, context: i
     return n
 
 
-def completion_request(body: dict, tokenizer) -> tuple[list[int], int | None]:
-    """/v1/completions: the prompt's token ids and the number of top logprobs (None: no logprobs)."""
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+
+def completion_request(body: dict, tokenizer) -> tuple[list[list[int]], list[str | None], int | None, bool]:
+    """/v1/completions: each prompt's token ids and text as given (None for ids), the number of
+    top logprobs (None: no logprobs), and echo. `prompt` is a string, a list of token ids, or a
+    batch: a list of strings or of token-id lists (lm-eval's API models send batches)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise APIError(400, "'prompt' is empty", "prompt")
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = prompt
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or len(prompt) > MAX_PROMPTS:
+        raise APIError(400, f"'prompt' must be a non-empty string, a list of token ids, or a list of at most "
+                            f"{MAX_PROMPTS} of either", "prompt")
+    ids, texts = [], []
+    for i, p in enumerate(prompt):
+        where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+        if p == "":
+            raise APIError(400, f"'{where}' is empty", "prompt")
+        if isinstance(p, str):
+            ids.append(tokenizer.encode(p))
+            texts.append(p)
+        elif _is_ids(p):
+            ids.append(p)
+            texts.append(None)
+        else:
+            raise APIError(400, f"'{where}' must be a non-empty string or a non-empty list of token ids", "prompt")
+    if body.get("best_of", 1) not in (1, None) or body.get("suffix"):
+        raise APIError(400, "best_of and suffix are not supported")
+    echo = field(body, "echo", (bool,), False)
+    return ids, texts, field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer in [0, 5]"), echo
+
+
+def _is_ids(p) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def tokenize(body: dict, tokenizer, context: int) -> dict:
+    """POST /tokenize: {"prompt" (vLLM) or "content" (llama-server): text, "add_special_tokens"} or
+    {"messages", "add_generation_prompt"} (rendered by the chat template) -> the token ids."""
+    special = field(body, "add_special_tokens", (bool,), None)
+    special = field(body, "add_special", (bool,), True) if special is None else special
+    if "messages" in body:
+        messages = _messages(body.get("messages"))
+        gen = field(body, "add_generation_prompt", (bool,), True)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=gen)
+        except ValueError as e:
+            raise APIError(400, f"the chat template cannot render these messages: {e}", "messages")
     else:
-        raise APIError(400, "'prompt' must be a non-empty string or a list of token ids", "prompt")
-    if body.get("echo") or body.get("best_of", 1) not in (1, None) or body.get("suffix"):
-        raise APIError(400, "echo, best_of and suffix are not supported")
-    return ids, field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
+        text = body.get("prompt", body.get("content"))
+        if not isinstance(text, str):
+            raise APIError(400, "'prompt' (or 'content') must be a string, or give 'messages'", "prompt")
+        ids = tokenizer.encode(text, add_special_tokens=special)
+    out = {"count": len(ids), "max_model_len": context, "tokens": ids}
+    if field(body, "return_token_strs", (bool,), False) or field(body, "with_pieces", (bool,), False):
+        out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+    return out
+
+
+def detokenize(body: dict, tokenizer) -> dict:
+    """POST /detokenize: {"tokens": [ids]} -> the text, as "prompt" (vLLM) and "content" (llama-server)."""
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+    bad = [t for t in ids if not 0 <= t < len(tokenizer)]
+    if bad:
+        raise APIError(400, f"'tokens' holds {bad[0]}, outside the vocabulary [0, {len(tokenizer)})", "tokens")
+    text = tokenizer.decode(ids)
+    return {"prompt": text, "content": text}
 
 
 def chat_request(body: dict, tokenizer) -> dict:
@@ -280,14 +333,32 @@ def chat_logprobs(tokenizer, events) -> dict:
                                           for t, lp in (e.top_logprobs or [])]} for e in events]}
 
 
-def text_logprobs(tokenizer, events) -> dict:
-    """The (legacy) completions logprobs object of engine events."""
+def text_logprobs(tokenizer, events, start: int = 0, decoder=None, prompt=None) -> tuple[dict, int]:
+    """The (legacy) completions logprobs object of engine events: tokens, token_logprobs,
+    top_logprobs and text_offset (where each token's text begins in the choice's text, counted from
+    `start`; `decoder` an IncrementalDecoder that has seen the text before), and the offset after
+    the last token. prompt: (ids, the engine's prompt logprobs) of an echoed prompt, whose first
+    token has no logprob."""
+    from camelid.text.streaming import IncrementalDecoder
+
     def text(t):
         return tokenizer.decode([t])
 
-    return {"tokens": [text(e.token) for e in events], "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{text(t): lp for t, lp in (e.top_logprobs or [])} for e in events],
-            "text_offset": []}
+    decoder = decoder or IncrementalDecoder(tokenizer)
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    rows = []
+    if prompt is not None:
+        ids, lps = prompt
+        rows = [(ids[0], None, None)] + [(t, lp, top) for t, (lp, top) in zip(ids[1:], lps)]
+    rows += [(e.token, e.logprob, e.top_logprobs or []) for e in events]
+    offset = start
+    for t, lp, top in rows:
+        out["tokens"].append(text(t))
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(None if top is None else {text(i): v for i, v in top})
+        out["text_offset"].append(offset)
+        offset += len(decoder.add(t))
+    return out, offset
 
 
 def message(text: str, finish_reason: str | None, tool_mode) -> tuple[dict, str | None]:

@@ -38,7 +38,7 @@ class Choice:
     """One generated sequence: engine events -> text deltas, with stop strings cut off (text that
     could begin a stop string is held back until it cannot)."""
 
-    def __init__(self, index: int, tokenizer, stop: list[str]):
+    def __init__(self, index: int, tokenizer, stop: list[str], prompt_ids=None, prompt_text: str | None = None):
         self.index = index
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = StopMatcher(stop)
@@ -47,6 +47,11 @@ class Choice:
         self.finish_reason: str | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handle = None
+        self.prompt_ids = prompt_ids or []
+        self.prompt_text = prompt_text  # echoed before the answer (completions with echo)
+        self.prompt_lp = None  # the prompt tokens' logprobs, from the first event (echo + logprobs)
+        self.lp_decoder, self.lp_offset = IncrementalDecoder(tokenizer), 0  # text_offset of streamed logprobs
+        self.echoed = False
 
     @property
     def text(self) -> str:
@@ -55,6 +60,8 @@ class Choice:
     def feed(self, e: Event) -> str:
         """The text that may be sent now."""
         piece = ""
+        if e.prompt_logprobs is not None:
+            self.prompt_lp = e.prompt_logprobs
         if e.token is not None and self.finish_reason is None:
             self.tokens.append(e.token)
             self.logprobs.append(e)
@@ -69,18 +76,25 @@ class Choice:
 
 
 def submit(server: Server, prompt_ids, n_tokens: int, params: SamplingParams, opts: dict, logprobs,
-           constraint=None) -> list[Choice]:
-    """Submit the request's n choices to the engine (seed + i for choice i); all or none."""
+           constraint=None, prompts=None) -> list[Choice]:
+    """Submit the request's n choices to the engine (seed + i for choice i); all or none.
+    prompts: a batch of (ids, text to echo or None) instead of prompt_ids; prompt p's choices are
+    indexed p * n + i, as OpenAI numbers them."""
     engine, choices = server.engine, []
     loop = asyncio.get_running_loop()
+    echo = prompts is not None and opts.get("echo", False)
     try:
-        for i in range(opts["n"]):
-            c = Choice(i, server.tokenizer, opts["stop"])
-            p = params if params.seed is None or i == 0 else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-            c.handle = engine.submit(prompt_ids, n_tokens, p, server.eos, logprobs=logprobs,
-                                     emit=lambda e, q=c.queue: loop.call_soon_threadsafe(q.put_nowait, e),
-                                     constraint=constraint() if constraint else None)
-            choices.append(c)
+        for k, (ids, text) in enumerate(prompts or [(prompt_ids, None)]):
+            for i in range(opts["n"]):
+                c = Choice(k * opts["n"] + i, server.tokenizer, opts["stop"], ids,
+                           (text if text is not None else server.tokenizer.decode(ids)) if echo else None)
+                p = (params if params.seed is None or i == 0
+                     else SamplingParams(**{**params.__dict__, "seed": params.seed + i}))
+                c.handle = engine.submit(ids, n_tokens, p, server.eos, logprobs=logprobs,
+                                         emit=lambda e, q=c.queue: loop.call_soon_threadsafe(q.put_nowait, e),
+                                         constraint=constraint() if constraint else None,
+                                         prompt_logprobs=logprobs if echo and logprobs is not None else None)
+                choices.append(c)
     except QueueFull as e:
         for c in choices:
             engine.cancel(c.handle)
@@ -140,9 +154,18 @@ class Reply:
     def usage(self) -> dict:
         return protocol.usage(self.prompt_len, sum(len(c.tokens) for c in self.choices))
 
-    def event_logprobs(self, events):
-        shape = protocol.chat_logprobs if self.chat else protocol.text_logprobs
-        return shape(self.server.tokenizer, events)
+    def event_logprobs(self, c: Choice, events, whole: bool = False):
+        """The logprobs object of these events of choice c: of the whole choice (whole), or the
+        next of a stream (c keeps where its text has got to); an echoed prompt's tokens first."""
+        if self.chat:
+            return protocol.chat_logprobs(self.server.tokenizer, events)
+        first = whole or not c.lp_decoder.ids
+        decoder = IncrementalDecoder(self.server.tokenizer) if whole else c.lp_decoder
+        prompt = (c.prompt_ids, c.prompt_lp or []) if c.prompt_text is not None and first else None
+        lp, end = protocol.text_logprobs(self.server.tokenizer, events, 0 if whole else c.lp_offset, decoder, prompt)
+        if not whole:
+            c.lp_offset = end
+        return lp
 
     async def finished(self) -> list[dict]:
         """Run every choice to its end; their response objects."""
@@ -151,12 +174,13 @@ class Reply:
                 pass
         out = []
         for c in self.choices:
-            lp = self.event_logprobs(c.logprobs) if self.logprobs else None
+            lp = self.event_logprobs(c, c.logprobs, whole=True) if self.logprobs else None
             if self.chat:
                 msg, reason = protocol.message(c.text, c.finish_reason, self.tool_mode)
                 out.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": reason})
             else:
-                out.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+                out.append({"index": c.index, "text": (c.prompt_text or "") + c.text, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
         return out
 
     def body(self, out: list[dict]) -> dict:
@@ -204,7 +228,9 @@ class Reply:
                         yield self.chunk([{"index": c.index, **({"delta": {}} if chat else {"text": ""}),
                                            "logprobs": None, "finish_reason": c.finish_reason}])
                     continue
-                lp = self.event_logprobs([e]) if self.logprobs and e.token is not None else None
+                lp = self.event_logprobs(c, [e]) if self.logprobs and e.token is not None else None
+                if c.prompt_text is not None and e.token is not None and not c.echoed:  # echo: the prompt first
+                    delta, c.echoed = c.prompt_text + delta, True
                 if delta or lp:
                     yield self.chunk([{"index": c.index, **({"delta": {"content": delta}} if chat else {"text": delta}),
                                        "logprobs": lp, "finish_reason": None}])
@@ -220,19 +246,26 @@ class Reply:
 
 
 async def respond(server: Server, request, body: dict, prompt_ids, chat: bool, logprobs, top_logprobs,
-                  constraint=None, tool_mode=None):
-    """Check the generation fields, submit the choices, and answer: JSON, or an event stream."""
+                  constraint=None, tool_mode=None, prompts=None, echo: bool = False):
+    """Check the generation fields, submit the choices, and answer: JSON, or an event stream.
+    prompts: a completions batch of (ids, text), in place of prompt_ids; echo: the prompt comes
+    back before each answer (with its tokens' logprobs when logprobs are asked)."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
     params, opts = protocol.sampling_fields(body, server.vocab_size)
+    opts["echo"] = echo
     if tool_mode is not None and tool_mode[0] not in ("none", "auto"):
         opts["stop"] = []  # a forced call is decoded under its schema, which ends it: a stop string would cut it
     context = server.engine.context
-    n_tokens = protocol.max_tokens(body, len(prompt_ids), default=context - len(prompt_ids) if chat else 16,
+    batch = prompts or [(prompt_ids, None)]
+    longest = max(len(ids) for ids, _ in batch)
+    n_tokens = protocol.max_tokens(body, longest, default=context - longest if chat else 16,
                                    limit=server.limit, context=context)
     n_tokens = min(n_tokens, server.limit)
-    choices = submit(server, prompt_ids, n_tokens, params, opts, top_logprobs if logprobs else None, constraint)
-    reply = Reply(server, request, choices, len(prompt_ids), chat, logprobs, opts["include_usage"], tool_mode)
+    choices = submit(server, prompt_ids, n_tokens, params, opts, top_logprobs if logprobs else None, constraint,
+                     prompts)
+    reply = Reply(server, request, choices, sum(len(ids) for ids, _ in batch), chat, logprobs,
+                  opts["include_usage"], tool_mode)
     with_tools = tool_mode is not None and tool_mode[0] != "none"
     if not opts["stream"] or with_tools:  # a tool call is known only at the end: streamed whole
         out = await reply.finished()
