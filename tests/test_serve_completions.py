@@ -175,4 +175,4 @@ def test_lm_eval_local_completions_scores_as_camelid_eval(smollm2_gguf, smollm2_
             worst = max(worst, abs(lx - ly))
             assert gx == gy
     print(f"acc {b['acc,none']}, acc_norm {b['acc_norm,none']}, max |loglikelihood difference| {worst:.3g}")
-    assert worst < 1e-4, worst and b["acc,none"] >= 0.5
+    assert worst < 1e-4 and b["acc,none"] >= 0.5, worst
