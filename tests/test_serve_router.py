@@ -127,8 +127,16 @@ def test_engine_options_that_cannot_work_fail_at_start(model, smollm2_tokenizer,
 @pytest.mark.parametrize("flags, message", [
     (["--max-prefill-chunk", "0"], "max_prefill_chunk must be at least 64 tokens, got 0"),
     (["--kv-cache-memory", "100tokens"], "holds 96 tokens, fewer than one request of the context length 4096"),
+    (["--lora", "sql"], "--lora takes NAME=DIR, got 'sql'"),
+    (["--lora", "a=x", "a=y"], "the adapter name 'a' is given twice"),
+    (["--lora", "a=/nonexistent/adapter"], "adapter_config.json"),
 ])
 def test_serve_cli_refuses_bad_engine_flags_with_a_clear_message(smollm2_gguf, flags, message):
     p = subprocess.run([sys.executable, "-m", "camelid.cli", "serve", "--model", str(smollm2_gguf), "--port", "0",
                         *flags], capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_runtime_adapter_loading_is_off_unless_asked(server):
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
+    assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"]

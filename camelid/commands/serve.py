@@ -32,9 +32,27 @@ def add_arguments(p) -> None:
                    help="do not reuse the KV blocks of prompts that begin alike")
     p.add_argument("--kv-cache", choices=["int8", "float16", "bfloat16", "float32"], default=None,
                    help="the KV cache's storage (int8: codes + one scale per token and head)")
+    p.add_argument("--lora", "--lora-modules", dest="lora", nargs="+", action="extend", default=[],
+                   metavar="NAME=DIR", help="LoRA adapters served beside the model: a request whose 'model' is "
+                                            "NAME gets that adapter (requests with different adapters share a batch)")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="let POST /v1/load_lora_adapter load adapters from this machine's disk")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="on SIGTERM: seconds running requests may still take; then they end with "
                         "finish_reason 'abort' (streams get a final chunk and [DONE])")
+
+
+def lora_modules(items: list[str]) -> dict[str, str]:
+    """NAME=DIR pairs -> {name: folder}; a malformed or repeated one is an error naming it."""
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--lora takes NAME=DIR, got {item!r}")
+        if name in out:
+            raise ValueError(f"--lora: the adapter name {name!r} is given twice")
+        out[name] = folder
+    return out
 
 
 def main(args) -> int:
@@ -47,5 +65,6 @@ def main(args) -> int:
           max_queue=args.max_queue, model_name=args.served_model_name, adapter=args.adapter,
           max_tokens_limit=args.max_tokens_limit, max_total_tokens=args.max_total_tokens, context=args.context,
           nproc=args.nproc, shutdown_grace=args.shutdown_grace, kv_cache_memory=args.kv_cache_memory,
-          max_prefill_chunk=args.max_prefill_chunk, prefix_caching=args.prefix_caching, kv_cache=args.kv_cache)
+          max_prefill_chunk=args.max_prefill_chunk, prefix_caching=args.prefix_caching, kv_cache=args.kv_cache,
+          adapters=lora_modules(args.lora), runtime_lora=args.allow_runtime_lora)
     return 0

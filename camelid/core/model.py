@@ -274,6 +274,9 @@ class LlamaModel(nn.Module):
         a prompt alone, in a batch and joining a running engine is prefilled by the same code."""
         if self.fused_decode is None or torch.compiler.is_compiling():
             return None  # decided before any shape is read: tracing must not guard on T
+        routing = self.__dict__.get("adapter_routing")
+        if routing is not None and routing.active:
+            return None  # rows with LoRA adapters (camelid.transforms.multi_lora): the PyTorch layers
         B, T, _ = x.shape
         paged = isinstance(cache, PagedView)
         if paged and (not cache.decode or cache.pool.quantized):

@@ -77,7 +77,8 @@ def parse_budget(value) -> tuple[int, str]:
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
                  max_total_tokens: int | None = None, kv_cache_memory=None, block_size: int = 16,
-                 max_prefill_chunk: int = 256, prefix_caching: bool = True, kv_cache: str | None = None):
+                 max_prefill_chunk: int = 256, prefix_caching: bool = True, kv_cache: str | None = None,
+                 adapters: dict | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
@@ -91,7 +92,14 @@ class Engine:
                              f"the context")
         self.scheduler = Scheduler(self.config.vocab_size, max_batch, max_queue, self.context, max_total_tokens,
                                    num_blocks, block_size, max_prefill_chunk, prefix_caching)
+        self.routing = None
+        if adapters:  # name -> LoRA folder, chosen per request (camelid.transforms.multi_lora)
+            from camelid.transforms.multi_lora import attach_adapters
+
+            self.routing = attach_adapters(self.model, adapters)
+            self.scheduler.adapters = len(self.routing.names)
         self.runner = Runner(self.model, self.scheduler.blocks.num_blocks, block_size, kv_cache)
+        self._between: list = []  # (fn, done event, result box): run by the engine thread between steps
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,13 +109,47 @@ class Engine:
     # ------------------------------------------------------------------ the caller's side
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
                min_tokens: int = 0, logprobs: int | None = None, emit: Callable[[Event], None] = lambda e: None,
-               constraint=None, prompt_logprobs: int | None = None) -> Handle:
+               constraint=None, prompt_logprobs: int | None = None, adapter: int = 0) -> Handle:
         """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped.
-        prompt_logprobs=n: the first token's Event carries each prompt token's logprob (Scheduler.submit)."""
+        prompt_logprobs=n: the first token's Event carries each prompt token's logprob (Scheduler.submit);
+        adapter: the index of a loaded LoRA adapter (adapter_index(name)), 0 the base model."""
         handle = self.scheduler.submit(prompt, max_tokens, params, eos_token_ids, min_tokens, logprobs, emit,
-                                       constraint, prompt_logprobs)
+                                       constraint, prompt_logprobs, adapter)
         self._wake.set()
         return handle
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.routing.names) if self.routing is not None else []
+
+    def adapter_index(self, name: str) -> int:
+        """The index of a loaded adapter; ValueError naming the ones there are."""
+        if name not in self.adapter_names:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded (loaded: {', '.join(self.adapter_names) or 'none'})")
+        return self.routing.index(name)
+
+    def load_adapter(self, name: str, directory, timeout: float = 120) -> int:
+        """Load a LoRA adapter while the engine runs (between two steps); its index."""
+        def load():
+            from camelid.transforms.multi_lora import attach_adapters
+
+            if self.routing is None:
+                self.routing = attach_adapters(self.model)
+                self.runner.routing = self.routing
+            index = self.routing.add(name, directory)
+            self.scheduler.adapters = len(self.routing.names)
+            return index
+
+        if self._thread is None or not self._thread.is_alive():
+            return load()
+        done, box = threading.Event(), []
+        self._between.append((load, done, box))
+        self._wake.set()
+        if not done.wait(timeout):
+            raise TimeoutError(f"loading adapter {name!r} did not finish in {timeout} s")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
     def cancel(self, handle: Handle) -> None:
         """End a request at the next step (its slot is freed; it gets an "abort" event)."""
@@ -182,6 +224,13 @@ class Engine:
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
         while True:
+            while self._between:
+                fn, done, box = self._between.pop(0)
+                try:
+                    box.append(fn())
+                except Exception as e:  # a bad adapter folder: the caller gets the error, the engine goes on
+                    box.append(e)
+                done.set()
             if not self.running and self.waiting.empty():
                 if self._stop.is_set():
                     return

@@ -14,6 +14,7 @@ pool (`follow`); only rank 0 samples.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class Runner:
         self.tp = getattr(model, "tp_world", 1) > 1
         self.leader = not self.tp or model.tp_rank == 0
         self.rows: dict[int, _Row] = {}  # request id -> decoding state (kept across a preemption)
+        self.routing = getattr(model.model, "adapter_routing", None)  # multi-LoRA (transforms/multi_lora.py)
 
     def execute(self, step: Step) -> tuple[list[Event | None], list[Event | None]]:
         """Run `step`: one Event (or None: no new token) per chunk and per decode row, in order."""
@@ -48,7 +50,7 @@ class Runner:
         for c in step.chunks:
             h = c.h
             every = h.prompt_logprobs is not None
-            logits = self.prefill(h.prompt[c.start:c.end], c.start, list(h.blocks), every)
+            logits = self.prefill(h.prompt[c.start:c.end], c.start, list(h.blocks), every, h.adapter)
             scored = self._prompt_logprobs(h, c.start, c.end, logits) if every else None
             logits = logits[:, -1]
             if c.sample:
@@ -63,8 +65,17 @@ class Runner:
             chunk_events.append(event)
         decode_events = []
         if step.decode:
-            logits = self.decode(step.inputs, [h.computed for h in step.decode], [list(h.blocks) for h in step.decode])
-            decode_events = [self._next_isolated(h, logits[i:i + 1]) if s else None
+            logits = [None] * len(step.decode)
+            # rows without an adapter in one call (the fused step), rows with one in another (the PyTorch layers)
+            for group in ([i for i, h in enumerate(step.decode) if h.adapter == 0],
+                          [i for i, h in enumerate(step.decode) if h.adapter != 0]):
+                if group:
+                    hs = [step.decode[i] for i in group]
+                    out = self.decode([step.inputs[i] for i in group], [h.computed for h in hs],
+                                      [list(h.blocks) for h in hs], [h.adapter for h in hs])
+                    for j, i in enumerate(group):
+                        logits[i] = out[j:j + 1]
+            decode_events = [self._next_isolated(h, logits[i]) if s else None
                              for i, (h, s) in enumerate(zip(step.decode, step.sample))]
         return chunk_events, decode_events
 
@@ -101,26 +112,42 @@ class Runner:
         return event
 
     # ------------------------------------------------------------------ the model (told under TP)
-    def prefill(self, tokens: list[int], start: int, blocks: list[int], every: bool = False) -> torch.Tensor:
+    def prefill(self, tokens: list[int], start: int, blocks: list[int], every: bool = False,
+                adapter: int = 0) -> torch.Tensor:
         """A prompt's tokens at positions [start, start + len) into its blocks, the row alone,
         attending to its tokens before them; the logits [1, 1 or len (every), V]."""
         self._tell("prefill", tokens, start, blocks, every)
         end = start + len(tokens)
         ids = torch.tensor([tokens], device=self.device)
-        return self.model(ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
-                          cache=self.cache.view([blocks], [0], decode=False),
-                          cache_position=torch.arange(start, end, device=self.device),
-                          logits_to_keep=0 if every else 1).logits
+        with self._adapters([adapter]):
+            return self.model(ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
+                              cache=self.cache.view([blocks], [0], decode=False),
+                              cache_position=torch.arange(start, end, device=self.device),
+                              logits_to_keep=0 if every else 1).logits
 
-    def decode(self, inputs: list[int], lengths: list[int], blocks: list[list[int]]) -> torch.Tensor:
+    def decode(self, inputs: list[int], lengths: list[int], blocks: list[list[int]],
+               adapters: list[int] | None = None) -> torch.Tensor:
         """One decode step: row i feeds inputs[i] as its token lengths[i]; logits [n, V]."""
         self._tell("decode", inputs, lengths, blocks)
         t = max(lengths)
         starts = [t - n for n in lengths]
         ids = torch.tensor([[x] for x in inputs], device=self.device)
         mask = (torch.arange(t + 1, device=self.device) >= torch.tensor(starts, device=self.device)[:, None]).long()
-        return self.model(ids, attention_mask=mask, cache=self.cache.view(blocks, starts, decode=True),
-                          cache_position=torch.tensor([t], device=self.device), logits_to_keep=1).logits[:, -1]
+        with self._adapters(adapters):
+            return self.model(ids, attention_mask=mask, cache=self.cache.view(blocks, starts, decode=True),
+                              cache_position=torch.tensor([t], device=self.device), logits_to_keep=1).logits[:, -1]
+
+    @contextmanager
+    def _adapters(self, rows: list[int] | None):
+        """Each row's LoRA adapter for one forward (0 or None: the base model)."""
+        if self.routing is None or not rows or not any(rows):
+            yield
+            return
+        self.routing.rows = rows
+        try:
+            yield
+        finally:
+            self.routing.rows = None
 
     # ------------------------------------------------------------------ tensor parallel
     def _tell(self, op: str, *args) -> None:

@@ -86,11 +86,17 @@ class Handle:
     computed: int = 0  # tokens of prompt + generated whose keys and values are in its blocks
     preemptions: int = 0
     prompt_logprobs: int | None = None  # top-n of each prompt token's logprobs wanted (None: none)
+    adapter: int = 0  # its LoRA adapter (camelid.transforms.multi_lora; 0: the base model)
     prompt_lp: list | None = None  # what the prefill chunks found, by position (kept across a preemption)
 
     @property
     def tokens(self) -> int:
         return len(self.prompt) + len(self.generated)
+
+    @property
+    def salt(self) -> bytes:
+        """What its KV blocks depend on besides the tokens (the adapter)."""
+        return b"" if self.adapter == 0 else b"lora%d:" % self.adapter
 
 
 @dataclass
@@ -136,6 +142,7 @@ class Scheduler:
         num_blocks = num_blocks or -(-max_batch * context // block_size)  # the static cache's capacity
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.booked = 0  # that sum now
+        self.adapters = 0  # LoRA adapters loaded (a request's adapter is 0..adapters)
         self.accepting = True
         self.waiting = _Waiting()
         self.rows: list[Handle] = []  # admitted (prefilling or decoding), in admission order
@@ -149,7 +156,7 @@ class Scheduler:
     # ------------------------------------------------------------------ requests in
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
                min_tokens: int = 0, logprobs: int | None = None, emit: Callable[[Event], None] = lambda e: None,
-               constraint=None, prompt_logprobs: int | None = None) -> Handle:
+               constraint=None, prompt_logprobs: int | None = None, adapter: int = 0) -> Handle:
         """Queue a request; raises ValueError (bad request), QueueFull or EngineStopped.
         prompt_logprobs=n: the first token's Event also carries every prompt token's logprob and
         the n most likely tokens at its position (such a prompt is prefilled whole: no prefix hit)."""
@@ -165,8 +172,10 @@ class Scheduler:
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(adapter, bool) or not isinstance(adapter, int) or not 0 <= adapter <= self.adapters:
+            raise ValueError(f"adapter {adapter!r} is not loaded ({self.adapters} adapters)")
         handle = Handle(list(prompt), max_tokens, params or SamplingParams(), frozenset(eos_token_ids), min_tokens,
-                        logprobs, emit, constraint=constraint, prompt_logprobs=prompt_logprobs)
+                        logprobs, emit, constraint=constraint, prompt_logprobs=prompt_logprobs, adapter=adapter)
         make_logits_processor(handle.params, self.vocab_size)  # validates the parameters now
         for n in (logprobs, prompt_logprobs):
             if n is not None:
@@ -277,7 +286,7 @@ class Scheduler:
         return Step(chunks, decode, inputs, sample, release)
 
     def _admit(self, h: Handle, budget: int) -> Chunk | None:
-        hits = self.blocks.lookup(h.prompt) if h.prompt_logprobs is None else []
+        hits = self.blocks.lookup(h.prompt, h.salt) if h.prompt_logprobs is None else []
         unit = math.lcm(self.blocks.block_size, CHUNK_ALIGN) // self.blocks.block_size
         hits = hits[:len(hits) - len(hits) % unit]  # the prefill goes on from a multiple of CHUNK_ALIGN
         self.blocks.take(hits)
@@ -344,7 +353,7 @@ class Scheduler:
             if h.done or h not in self.rows:
                 continue
             h.computed = c.end
-            self.blocks.register(h.blocks, h.prompt, c.end // bs)
+            self.blocks.register(h.blocks, h.prompt, c.end // bs, h.salt)
             if event is not None and event.prompt_logprobs is not None:  # positions c.start + 1 .. c.end - 1 + 1
                 got = event.prompt_logprobs
                 h.prompt_lp[c.start:c.start + len(got)] = got

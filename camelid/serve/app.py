@@ -37,9 +37,10 @@ from camelid.serve.stream import Server, respond
 
 def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_tokens_limit: int | None = None, context: int | None = None,
-               max_total_tokens: int | None = None, **engine_options):
+               max_total_tokens: int | None = None, runtime_lora: bool = False, **engine_options):
     """The FastAPI app over one Engine; engine_options go to it (kv_cache_memory, max_prefill_chunk,
-    prefix_caching, kv_cache, block_size)."""
+    prefix_caching, kv_cache, block_size, adapters: LoRA name -> folder). runtime_lora: POST
+    /v1/load_lora_adapter may load adapters from the server's disk (off by default, as in vLLM)."""
     from fastapi import FastAPI, Request
 
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context, max_total_tokens=max_total_tokens,
@@ -92,14 +93,37 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [card(model_name)]}
+        return {"object": "list", "data": [card(model_name)] + [dict(card(a), parent=model_name, root=str(folder))
+                                                                for a, folder in adapter_folders().items()]}
 
     @app.get("/v1/models/{name:path}")
     async def model_card(name: str):
-        if name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
-                           type="not_found_error")
-        return card(name)
+        protocol.check_model({"model": name}, model_name, engine.adapter_names)
+        folders = adapter_folders()
+        return dict(card(name), parent=model_name, root=str(folders[name])) if name in folders else card(name)
+
+    def adapter_folders() -> dict:
+        return dict(engine.routing.folders) if engine.routing is not None else {}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        """vLLM's admin route: {"lora_name", "lora_path"}; the adapter serves requests whose model is its name."""
+        import asyncio
+
+        if not runtime_lora:
+            raise APIError(403, "loading adapters at runtime is off: start the server with --allow-runtime-lora",
+                           type="permission_error")
+        body = await protocol.read_body(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise APIError(400, "'lora_name' and 'lora_path' must be non-empty strings", "lora_name")
+        if name == model_name:
+            raise APIError(400, f"'lora_name' {name!r} is the served model's name", "lora_name")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.load_adapter, name, path)
+        except (OSError, ValueError) as e:
+            raise APIError(400, f"cannot load adapter {name!r}: {e}", "lora_path")
+        return {"status": "ok", "lora_name": name}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -127,13 +151,13 @@ def create_app(model, tokenizer, model_name: str = "camelid", api_key: str | Non
     @app.post("/v1/messages")
     async def anthropic_messages(request: Request):
         body = await protocol.read_body(request)
-        protocol.check_model(body, server.model_name)
-        return await messages.respond(server, request, body)
+        adapter = protocol.check_model(body, server.model_name, engine.adapter_names)
+        return await messages.respond(server, request, body, adapter)
 
     @app.post("/v1/messages/count_tokens")
     async def anthropic_count_tokens(request: Request):
         body = await protocol.read_body(request)
-        protocol.check_model(body, server.model_name)
+        protocol.check_model(body, server.model_name, engine.adapter_names)
         return messages.count_tokens(server, body)
 
     @app.post("/reset_prefix_cache")
@@ -172,18 +196,19 @@ def error(server: Server, e: APIError, request=None):
 
 async def completion(server: Server, request):
     body = await protocol.read_body(request)
-    protocol.check_model(body, server.model_name)
+    adapter = protocol.check_model(body, server.model_name, server.engine.adapter_names)
     ids, texts, lp, echo = protocol.completion_request(body, server.tokenizer)
     return await respond(server, request, body, None, chat=False, logprobs=lp is not None, top_logprobs=lp or 0,
-                         prompts=list(zip(ids, texts)), echo=echo)
+                         prompts=list(zip(ids, texts)), echo=echo, adapter=adapter)
 
 
 async def chat_completion(server: Server, request):
     body = await protocol.read_body(request)
-    protocol.check_model(body, server.model_name)
+    adapter = protocol.check_model(body, server.model_name, server.engine.adapter_names)
     r = protocol.chat_request(body, server.tokenizer)
     return await respond(server, request, body, r["prompt_ids"], chat=True, logprobs=r["logprobs"],
-                         top_logprobs=r["top_logprobs"], constraint=r["constraint"], tool_mode=r["tool_mode"])
+                         top_logprobs=r["top_logprobs"], constraint=r["constraint"], tool_mode=r["tool_mode"],
+                         adapter=adapter)
 
 
 def metrics_text(server: Server) -> str:
@@ -242,10 +267,14 @@ def metrics_text(server: Server) -> str:
            label)
     metric("vllm:gpu_prefix_cache_hit_rate", "gauge", "Prefix-cache hit rate: hits over queried prompt tokens.",
            s["prefix_hits"] / max(s["prefix_queries"], 1), label)
-    adapters = server.adapters() if hasattr(server, "adapters") else ([], [])
+    names = engine.adapter_names
+
+    def using(handles):
+        return ",".join(sorted({names[h.adapter - 1] for h in handles if 0 < h.adapter <= len(names)}))
+
     metric("vllm:lora_requests_info", "gauge", "Running stats on LoRA requests.", server.started,
-           {"running_lora_adapters": ",".join(adapters[0]), "waiting_lora_adapters": ",".join(adapters[1]),
-            "max_lora": str(getattr(server, "max_lora", 0))})
+           {"running_lora_adapters": using(list(sched.rows)), "waiting_lora_adapters": using(list(sched.waiting)),
+            "max_lora": str(len(names))})
     histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", sched.ttft)
     histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", sched.itl)
     histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", sched.itl)
@@ -283,7 +312,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         from camelid.formats import checkpoint_config
         from camelid.transforms.tp import check_plan
 
-        if adapter is not None:
+        if adapter is not None or engine_options.get("adapters"):
             raise ValueError("--nproc serves a float model: merge the adapter first (camelid merge-lora)")
         check_plan(checkpoint_config(model), nproc)
         launch(_serve_rank, nproc, model, options, timeout=7 * 24 * 3600)
@@ -298,8 +327,9 @@ def _serve_rank(rank, world, model, options):
     if rank == 0:
         _serve(model, llm=llm, **options)
     else:
+        engine_options = {k: v for k, v in options["engine_options"].items() if k != "runtime_lora"}
         Engine(llm, max_batch=options["max_batch"], context=options["context"],  # rank 0's cache shapes
-               **options["engine_options"]).follow()
+               **engine_options).follow()
 
 
 def _serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,

@@ -284,7 +284,7 @@ class Answer:
                 self.server.engine.cancel(self.choice.handle)
 
 
-async def respond(server: Server, request, body: dict):
+async def respond(server: Server, request, body: dict, adapter: int = 0):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     params, stop, stream = sampling(body)
@@ -292,7 +292,8 @@ async def respond(server: Server, request, body: dict):
     ids, tool_mode = r["prompt_ids"], r["tool_mode"]
     n = max_tokens(body, len(ids), server.limit, server.engine.context)
     forced = tool_mode[0] not in ("none", "auto")
-    (choice,) = submit(server, ids, n, params, {"n": 1, "stop": [] if forced else stop}, None, r["constraint"])
+    (choice,) = submit(server, ids, n, params, {"n": 1, "stop": [] if forced else stop}, None, r["constraint"],
+                       adapter=adapter)
     answer = Answer(server, request, choice, len(ids), tool_mode)
     if not stream:
         return JSONResponse(await answer.finished())

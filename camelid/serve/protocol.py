@@ -115,13 +115,19 @@ def field(body, name, kinds, default=None, check=None, want=None):
     return v
 
 
-def check_model(body: dict, model_name: str) -> None:
+def check_model(body: dict, model_name: str, adapters=()) -> int:
+    """The request's model: 0 for the served model, i for the i-th LoRA adapter (by its name, as
+    vLLM chooses adapters); 404 for any other name."""
     name = body.get("model")
     if not isinstance(name, str):
         raise APIError(400, "'model' is required and must be a string", "model")
-    if name != model_name:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
-                       type="not_found_error")
+    if name == model_name:
+        return 0
+    if name in adapters:
+        return list(adapters).index(name) + 1
+    served = ", ".join(repr(n) for n in [model_name, *adapters])
+    raise APIError(404, f"the model {name!r} does not exist; this server serves {served}", "model",
+                   type="not_found_error")
 
 
 def sampling_fields(body: dict, vocab_size: int) -> tuple[SamplingParams, dict]:

@@ -76,7 +76,7 @@ class Choice:
 
 
 def submit(server: Server, prompt_ids, n_tokens: int, params: SamplingParams, opts: dict, logprobs,
-           constraint=None, prompts=None) -> list[Choice]:
+           constraint=None, prompts=None, adapter: int = 0) -> list[Choice]:
     """Submit the request's n choices to the engine (seed + i for choice i); all or none.
     prompts: a batch of (ids, text to echo or None) instead of prompt_ids; prompt p's choices are
     indexed p * n + i, as OpenAI numbers them."""
@@ -93,7 +93,8 @@ def submit(server: Server, prompt_ids, n_tokens: int, params: SamplingParams, op
                 c.handle = engine.submit(ids, n_tokens, p, server.eos, logprobs=logprobs,
                                          emit=lambda e, q=c.queue: loop.call_soon_threadsafe(q.put_nowait, e),
                                          constraint=constraint() if constraint else None,
-                                         prompt_logprobs=logprobs if echo and logprobs is not None else None)
+                                         prompt_logprobs=logprobs if echo and logprobs is not None else None,
+                                         adapter=adapter)
                 choices.append(c)
     except QueueFull as e:
         for c in choices:
@@ -246,7 +247,7 @@ class Reply:
 
 
 async def respond(server: Server, request, body: dict, prompt_ids, chat: bool, logprobs, top_logprobs,
-                  constraint=None, tool_mode=None, prompts=None, echo: bool = False):
+                  constraint=None, tool_mode=None, prompts=None, echo: bool = False, adapter: int = 0):
     """Check the generation fields, submit the choices, and answer: JSON, or an event stream.
     prompts: a completions batch of (ids, text), in place of prompt_ids; echo: the prompt comes
     back before each answer (with its tokens' logprobs when logprobs are asked)."""
@@ -263,7 +264,7 @@ async def respond(server: Server, request, body: dict, prompt_ids, chat: bool, l
                                    limit=server.limit, context=context)
     n_tokens = min(n_tokens, server.limit)
     choices = submit(server, prompt_ids, n_tokens, params, opts, top_logprobs if logprobs else None, constraint,
-                     prompts)
+                     prompts, adapter)
     reply = Reply(server, request, choices, sum(len(ids) for ids, _ in batch), chat, logprobs,
                   opts["include_usage"], tool_mode)
     with_tools = tool_mode is not None and tool_mode[0] != "none"

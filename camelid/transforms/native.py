@@ -57,10 +57,15 @@ def _products(layer: nn.Module) -> tuple:
     through _modules: nn.Module's __getattr__ would cost more than the check is worth, every step."""
     out = []
     for owner, fused, parts in PRODUCTS:
-        mods = layer._modules[owner]._modules
+        mods = {k: _base(m) for k, m in layer._modules[owner]._modules.items()}
         one = mods.get(fused)
         out.append((one,) if one is not None or not parts else tuple(mods.get(n) for n in parts))
     return tuple(out)
+
+
+def _base(m: nn.Module) -> nn.Module:
+    """The base product under a multi-LoRA wrapper (the fused step runs the rows without adapters)."""
+    return m._modules["base"] if type(m).__name__ == "MultiLoRALinear" else m
 
 
 class FusedStep:
