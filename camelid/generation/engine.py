@@ -183,8 +183,10 @@ class Engine:
         return self.runner.cache
 
     def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
-        self._thread.start()
+        """Start the engine thread (a second call while it runs changes nothing)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
+            self._thread.start()
         return self
 
     def begin_shutdown(self, grace: float) -> None:

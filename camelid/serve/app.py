@@ -248,6 +248,8 @@ def metrics_text(server: Server) -> str:
            s["tokens"] / max(time.time() - server.started, 1e-9))
     metric("camelid_kv_cache_blocks", "gauge", "KV blocks in the paged cache", blocks.num_blocks)
     metric("camelid_kv_cache_blocks_used", "gauge", "KV blocks held by requests", blocks.used)
+    metric("camelid_kv_cache_blocks_peak", "gauge", "the most KV blocks held at once since start", s["peak_blocks"])
+    metric("camelid_kv_cache_block_tokens", "gauge", "tokens per KV block", blocks.block_size)
     metric("camelid_preemptions_total", "counter", "requests preempted (recomputed) when KV blocks ran out",
            s["preemptions"])
     # vLLM's names, labelled with the served model as vLLM labels them

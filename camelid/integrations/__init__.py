@@ -1,0 +1,1 @@
+"""camelid inside other serving systems (optional dependencies, imported on use)."""
