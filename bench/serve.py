@@ -104,7 +104,7 @@ def camelid(gguf, threads, *flags, tree=ROOT, name="camelid"):
     return Proc(name, argv, str(tree), env_for(threads, str(tree)), port, "m")
 
 
-def llama_cpp(gguf, threads):
+def start_llama_cpp(gguf, threads):
     port = free_port()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads",
             str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096", "--model_alias", "m"]
@@ -267,7 +267,7 @@ def main():
         try:
             import llama_cpp.server  # noqa: F401
 
-            servers.append(("llama.cpp", lambda: llama_cpp(gguf, args.threads)))
+            servers.append(("llama.cpp", lambda: start_llama_cpp(gguf, args.threads)))
         except ImportError as e:
             print(f"llama.cpp skipped: {e} (pip install 'llama-cpp-python[server]')")
 
