@@ -15,8 +15,8 @@ Scenarios (chat requests, greedy; figures per server in one run):
      to camelid, and the fraction of the decode bound (batch x DRAM GB/s / weight bytes per step).
   2. one 2,000-token prompt arriving while 8 streams decode: the streams' p99 inter-token latency
      over their p99 without it (target <= 3x), at --max-prefill-chunk 256 (default) and 64.
-  3. a shared 1,000-token system prompt, 32 requests at once: mean time to first token with prefix
-     caching over without (target >= 5x lower).
+  3. a shared 1,000-token system prompt, 32 requests at once on 32 slots: mean time to first token
+     with prefix caching over without (target >= 5x lower).
   4. 32 short requests on 32 slots: the KV blocks held at the peak over the static cache's
      max-batch x context tokens (target <= 25%), with the budget set to a quarter of it.
 
@@ -107,7 +107,8 @@ def camelid(gguf, threads, *flags, tree=ROOT, name="camelid"):
 def start_llama_cpp(gguf, threads):
     port = free_port()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads",
-            str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096", "--model_alias", "m"]
+            str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096", "--model_alias", "m",
+            "--interrupt_requests", "False"]  # its default: a new request cuts the running stream off
     return Proc("llama.cpp", argv, str(ROOT), env_for(threads), port, "m")
 
 
@@ -239,7 +240,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 and 8 streams only, fewer tokens")
     ap.add_argument("--skip-old", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--scenarios", default="1,2,3,4", help="which scenarios to run, e.g. 2,3")
     args = ap.parse_args()
+    run = {int(x) for x in args.scenarios.split(",")}
 
     import torch
 
@@ -271,6 +274,17 @@ def main():
         except ImportError as e:
             print(f"llama.cpp skipped: {e} (pip install 'llama-cpp-python[server]')")
 
+    if 1 in run:
+        scenario_streams(servers, levels, max_tokens, bw, weight_bytes)
+    if 2 in run:
+        scenario_long_prompt(gguf, tok, args.threads, tree)
+    if 3 in run:
+        scenario_prefix(gguf, tok, args.threads)
+    if 4 in run:
+        scenario_memory(gguf, args.threads, max_tokens)
+
+
+def scenario_streams(servers, levels, max_tokens, bw, weight_bytes):
     print("\n1. concurrent streams (max_tokens %d, max-batch 8)" % max_tokens, flush=True)
     table = {}
     for name, start in servers:
@@ -288,25 +302,32 @@ def main():
             print(f"  {name:>9} {n:>7} {s['tok_s']:7.1f} {ratio:9.2f} {s['tok_s'] / bound:8.1%} {s['ttft50']:7.2f}s "
                   f"{s['ttft99']:7.2f}s {s['itl50'] * 1e3:6.0f}ms {s['itl99'] * 1e3:6.0f}ms")
 
+
+
+def scenario_long_prompt(gguf, tok, threads, tree):
     print("\n2. one 2,000-token prompt arriving while 8 streams decode (their p99 inter-token latency)", flush=True)
     long_text = long_prompt_text(tok, 2000)
-    for label, start in [("camelid chunk 256", lambda: camelid(gguf, args.threads)),
-                         ("camelid chunk 64", lambda: camelid(gguf, args.threads, "--max-prefill-chunk", "64"))] + \
-                        ([("old", lambda: camelid(gguf, args.threads, tree=tree, name="old"))] if tree else []):
+    for label, start in [("camelid (default)", lambda: camelid(gguf, threads)),
+                         ("camelid chunk 64", lambda: camelid(gguf, threads, "--max-prefill-chunk", "64"))] + \
+                        ([("old", lambda: camelid(gguf, threads, tree=tree, name="old"))] if tree else []):
         s = start()
         try:
             stream_chat(s.url, s.model_name, question(0), 4)
-            without, with_, ttft = interference(s, long_text)
+            without, with_, first = interference(s, long_text)
         finally:
             s.close()
         print(f"  {label:>18}: p99 ITL {without * 1e3:6.0f} ms without, {with_ * 1e3:6.0f} ms with = "
-              f"{with_ / without:5.2f}x (target <= 3x); the long prompt's TTFT {ttft:.1f} s", flush=True)
+              f"{with_ / without:5.2f}x (target <= 3x); the long prompt's TTFT {first:.1f} s", flush=True)
 
-    print("\n3. a shared 1,000-token system prompt, 32 requests at once (mean time to first token)", flush=True)
+
+
+def scenario_prefix(gguf, tok, threads):
+    print("\n3. a shared 1,000-token system prompt, 32 requests at once on 32 slots (mean time to first token)",
+          flush=True)
     system = long_prompt_text(tok, 1000)
     ttft = {}
     for label, flags in (("prefix caching", ()), ("no prefix caching", ("--no-prefix-caching",))):
-        s = camelid(gguf, args.threads, *flags)
+        s = camelid(gguf, threads, "--max-batch", "32", *flags)
         try:
             stream_chat(s.url, s.model_name, question(0), 4)
             ttft[label] = shared_prefix(s, system)
@@ -318,9 +339,12 @@ def main():
         print(f"  {label:>18}: mean TTFT {ttft[label]:6.2f} s; prefix hit rate {h / max(q, 1):.1%}", flush=True)
     print(f"  with / without: {ttft['no prefix caching'] / ttft['prefix caching']:.1f}x lower (target >= 5x)")
 
+
+
+def scenario_memory(gguf, threads, max_tokens):
     print("\n4. KV memory at 32 short requests (32 slots x 4096 tokens static = 131,072 tokens)", flush=True)
     static = 32 * 4096
-    s = camelid(gguf, args.threads, "--max-batch", "32", "--kv-cache-memory", f"{static // 4}tokens")
+    s = camelid(gguf, threads, "--max-batch", "32", "--kv-cache-memory", f"{static // 4}tokens")
     try:
         stream_chat(s.url, s.model_name, question(0), 4)
         run_streams(s.url, s.model_name, [(question(i), max_tokens) for i in range(32)])

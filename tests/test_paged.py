@@ -204,6 +204,26 @@ def test_a_chunk_size_below_one_aligned_chunk_is_refused(model, chunk):
         Engine(model, max_prefill_chunk=chunk)
 
 
+def test_beside_decoding_rows_the_chunk_fits_the_measured_stall():
+    """The chunk budget from the measured costs: no decode rows, the whole max_prefill_chunk;
+    beside them, what takes at most STALL decode steps, in multiples of 64, at least 64."""
+    from camelid.generation.scheduler import STALL, Chunk, Scheduler, Step
+
+    s = Scheduler(300, 4, 8, 1024, max_prefill_chunk=512)
+    assert s.chunk_budget(True) == 512  # nothing measured yet
+    decode_only = Step([], [object()], [1], [True], [])
+    s.observe(decode_only, 0.010)  # a decode step: 10 ms
+    with_chunk = Step([Chunk(None, 0, 100, False)], [object()], [1], [True], [])
+    s.observe(with_chunk, 0.010 + 100 * 0.0002)  # 0.2 ms a prompt token on top
+    assert s.decode_cost == pytest.approx(0.010) and s.token_cost == pytest.approx(0.0002)
+    assert s.chunk_budget(False) == 512
+    assert s.chunk_budget(True) == 64 * int(STALL * 0.010 / 0.0002 // 64)  # 100 tokens fit: 64
+    s.token_cost = 0.00001  # a fast machine: 2000 tokens fit, capped at max_prefill_chunk
+    assert s.chunk_budget(True) == 512
+    s.token_cost = 0.01  # a slow one: none fit, still one aligned chunk
+    assert s.chunk_budget(True) == 64
+
+
 def test_a_chunk_size_is_rounded_down_to_the_alignment(model):
     assert Engine(model, max_prefill_chunk=100).scheduler.max_prefill_chunk == 64
 

@@ -23,6 +23,7 @@ joining requests (at most max_prefill_chunk tokens), so a long prompt never stal
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -254,7 +255,10 @@ class Engine:
         chunks the budget allows, in one step."""
         step = self.scheduler.schedule()
         if step is not None:
-            self.scheduler.update(step, *self.runner.execute(step))
+            t = time.perf_counter()
+            events = self.runner.execute(step)
+            self.scheduler.observe(step, time.perf_counter() - t)
+            self.scheduler.update(step, *events)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (takes effect between steps)."""

@@ -6,7 +6,9 @@ Event per row (vLLM v1's schedule -> execute -> update).
 Every request has a block table (generation/blocks.py): the KV blocks of the paged cache that hold
 its tokens, allocated as tokens arrive and given back when it ends. A prompt is prefilled in chunks
 of at most max_prefill_chunk tokens, one chunk per step beside the decode rows, so a long prompt
-never pauses the running streams for more than one chunk; its first full blocks may already be in
+never pauses the running streams for more than one chunk (beside decoding rows, a chunk is sized
+from the measured costs of a decode step and of a prompt token so that it takes at most STALL
+decode steps: chunk_budget); its first full blocks may already be in
 the cache (prefix caching), and then its prefill starts after them.
 
 Greedy output does not depend on what else runs (batch invariance): a chunk starts at a multiple of
@@ -38,6 +40,11 @@ from camelid.generation.sampling import SamplingParams, check_top_n, make_logits
 
 ROW_ALIGN = 16  # block sizes are multiples of this (the linear kernels' row tile)
 CHUNK_ALIGN = math.lcm(ROW_ALIGN, QUERY_TILE)  # chunk starts (and prefix hits) are multiples of this
+STALL = 2.0  # beside decoding rows, a step's prefill takes at most this many decode steps' time
+
+
+def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else old + weight * (new - old)
 
 
 class QueueFull(RuntimeError):
@@ -152,6 +159,8 @@ class Scheduler:
                       "errors": 0, "ttft_sum": 0.0, "ttft_count": 0, "steps": 0, "preemptions": 0,
                       "prefix_queries": 0, "prefix_hits": 0, "peak_blocks": 0}
         self.ttft, self.itl, self.e2e = Histogram(TTFT_BUCKETS), Histogram(TPOT_BUCKETS), Histogram(E2E_BUCKETS)
+        self.decode_cost: float | None = None  # seconds of a decode step (running mean, observe())
+        self.token_cost: float | None = None  # seconds per prompt token of a prefill chunk
 
     # ------------------------------------------------------------------ requests in
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, eos_token_ids=(),
@@ -255,7 +264,7 @@ class Scheduler:
             decode.append(h)
             inputs.append((h.prompt + h.generated)[h.computed])
             sample.append(h.computed + 1 == h.tokens)
-        chunks, budget = [], self.max_prefill_chunk
+        chunks, budget = [], self.chunk_budget(bool(decode))
         for h in self.rows:
             if budget < CHUNK_ALIGN:
                 break
@@ -284,6 +293,26 @@ class Scheduler:
         if not chunks and not decode:
             return Step([], [], [], [], release) if release else None
         return Step(chunks, decode, inputs, sample, release)
+
+    # ------------------------------------------------------------------ the chunk budget
+    def observe(self, step: Step, seconds: float) -> None:
+        """How long `step` took (the engine's clock): the running estimates of a decode step's
+        time and of a prompt token's, which size the chunks beside decoding rows."""
+        tokens = sum(c.end - c.start for c in step.chunks)
+        if step.decode and not tokens:
+            self.decode_cost = _ema(self.decode_cost, seconds)
+        elif tokens:
+            base = (self.decode_cost or 0.0) if step.decode else 0.0
+            self.token_cost = _ema(self.token_cost, max(seconds - base, 0.0) / tokens)
+
+    def chunk_budget(self, decoding: bool) -> int:
+        """Prompt tokens this step may prefill: max_prefill_chunk when no row decodes; beside
+        decoding rows, what keeps the step within STALL decode steps (so their inter-token latency
+        stays within 1 + STALL times its own), in multiples of CHUNK_ALIGN, at least one."""
+        if not decoding or self.decode_cost is None or self.token_cost is None or self.token_cost <= 0:
+            return self.max_prefill_chunk
+        fit = int(STALL * self.decode_cost / self.token_cost)
+        return max(CHUNK_ALIGN, min(self.max_prefill_chunk, fit - fit % CHUNK_ALIGN))
 
     def _admit(self, h: Handle, budget: int) -> Chunk | None:
         hits = self.blocks.lookup(h.prompt, h.salt) if h.prompt_logprobs is None else []
