@@ -25,7 +25,7 @@ LAYERS = [
     ["generation"],                              # samplers, the decode step, generate, engine
     ["hf_compat"],                               # transformers' surface on the model
     ["serve", "train", "evaluate", "export"],   # the libraries behind the programs
-    ["commands"],                                # one file per CLI program
+    ["commands", "integrations"],                # one file per CLI program | camelid inside Ray Serve
     ["cli", "__init__"],                         # the dispatcher and the package's front door
 ]
 RANK = {name: (i, name) for i, names in enumerate(LAYERS) for name in names}
