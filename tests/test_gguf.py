@@ -794,3 +794,40 @@ def test_tokenizer_fields_that_cannot_describe_the_vocabulary_are_named(change, 
         fields.pop("tokenizer.ggml.scores")
     with pytest.raises(ValueError, match=message):
         Tokenizer.from_gguf(fields)
+
+
+# ---------------------------------------------------------------------- issue 19, finding 10: field types
+def _config_with(tmp_path, **fields):
+    """gguf_config over a written tiny model's metadata with some fields replaced."""
+    from types import SimpleNamespace
+
+    from camelid.formats.gguf import gguf_config
+
+    g = GGUFFile(save_gguf(tiny_model(), tmp_path / "m.gguf", "f32"))
+    try:
+        f = dict(g.fields)
+        f.update({f"llama.{k.replace('__', '.')}": v for k, v in fields.items()})
+        return gguf_config(SimpleNamespace(fields=f, tensors=g.tensors, path=g.path))
+    finally:
+        g.close()
+
+
+def test_a_per_layer_array_with_one_value_reads_as_that_value(tmp_path):
+    """llama.cpp allows per-layer arrays (head_count[n_layer]); equal values are the plain count."""
+    c = _config_with(tmp_path, attention__head_count=[4, 4], attention__head_count_kv=[2, 2])
+    assert (c.num_attention_heads, c.num_key_value_heads) == (4, 2)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"attention__head_count": "4"}, r"'llama.attention.head_count' must be an integer, got str '4'"),
+    ({"attention__head_count": [4, 8]}, r"'llama.attention.head_count' differs between layers \(4, 8\)"),
+    ({"attention__head_count_kv": [2, "x"]}, r"must be an integer or a per-layer array of integers"),
+    ({"attention__head_count": 0}, r"'llama.attention.head_count' must be at least 1, got 0"),
+    ({"block_count": 2.5}, r"'llama.block_count' must be an integer, got float"),
+    ({"embedding_length": True}, r"'llama.embedding_length' must be an integer, got bool"),
+    ({"rope__freq_base": "10000"}, r"'llama.rope.freq_base' must be a number, got str"),
+    ({"attention__layer_norm_rms_epsilon": [1e-5]}, r"must be a number, got list"),
+], ids=["string", "per-layer-differs", "array-of-non-ints", "zero", "float-count", "bool", "string-theta", "list-eps"])
+def test_malformed_gguf_fields_are_named_errors_not_type_errors(tmp_path, fields, message):
+    with pytest.raises(GGUFError, match=message):
+        _config_with(tmp_path, **fields)

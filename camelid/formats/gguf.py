@@ -97,20 +97,46 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
             return default
         return f[full]
 
-    heads = key("attention.head_count")
-    hidden = key("embedding_length")
+    def count(name, default=None, required=True):
+        """A positive integer field; llama.cpp also allows a per-layer array (one value per
+        block), which camelid's Llama reads when every layer has the same value."""
+        v = key(name, default, required)
+        if v is None:
+            return None
+        where = f"{g.path}: metadata 'llama.{name}'"
+        if isinstance(v, list):
+            if not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise GGUFError(f"{where} must be an integer or a per-layer array of integers, got {v!r:.60}")
+            if len(set(v)) != 1:
+                raise GGUFError(f"{where} differs between layers ({', '.join(map(str, sorted(set(v))[:4]))}); "
+                                f"camelid's Llama has one value for every layer")
+            v = v[0]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise GGUFError(f"{where} must be an integer, got {type(v).__name__} {v!r:.40}")
+        if v < 1:
+            raise GGUFError(f"{where} must be at least 1, got {v}")
+        return v
+
+    def number(name, default):
+        v = key(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise GGUFError(f"{g.path}: metadata 'llama.{name}' must be a number, got {type(v).__name__} {v!r:.40}")
+        return float(v)
+
+    heads = count("attention.head_count")
+    hidden = count("embedding_length")
     tokens = f.get("tokenizer.ggml.tokens")
-    vocab = key("vocab_size", required=False) or (len(tokens) if tokens else None)
+    vocab = count("vocab_size", required=False) or (len(tokens) if tokens else None)
     if vocab is None:
         vocab = g.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in g.tensors else None
-    head_dim = key("attention.key_length", required=False) or key("rope.dimension_count", required=False)
+    head_dim = count("attention.key_length", required=False) or count("rope.dimension_count", required=False)
     d = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=key("feed_forward_length"),
-        num_hidden_layers=key("block_count"), num_attention_heads=heads,
-        num_key_value_heads=key("attention.head_count_kv", heads),
-        max_position_embeddings=key("context_length", 2048),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=count("feed_forward_length"),
+        num_hidden_layers=count("block_count"), num_attention_heads=heads,
+        num_key_value_heads=count("attention.head_count_kv", heads),
+        max_position_embeddings=count("context_length", 2048),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=number("rope.freq_base", 10000.0),
         tie_word_embeddings="output.weight" not in g.tensors,
         bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
