@@ -831,3 +831,30 @@ def test_a_per_layer_array_with_one_value_reads_as_that_value(tmp_path):
 def test_malformed_gguf_fields_are_named_errors_not_type_errors(tmp_path, fields, message):
     with pytest.raises(GGUFError, match=message):
         _config_with(tmp_path, **fields)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_duplicate_token_strings_keep_every_id(kind):
+    """Issue 19, finding 9: a vocabulary with a string twice came out one short (the dict kept
+    one), and the lost id decoded to nothing. As llama.cpp: text maps to the last id, every id
+    is a token and decodes to its string."""
+    from camelid.text.tokenizer import Tokenizer
+
+    if kind == "llama":
+        fields = {**SP_VOCAB, "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "b", "a"],
+                  "tokenizer.ggml.scores": [0.0] * 6, "tokenizer.ggml.token_type": [2, 3, 3, 1, 1, 1],
+                  "tokenizer.ggml.add_space_prefix": False}
+        dup, last, text = 3, 5, "ab"
+    else:
+        fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+                  "tokenizer.ggml.tokens": ["a", "b", "ab", "c", "ab"], "tokenizer.ggml.merges": ["a b"],
+                  "tokenizer.ggml.token_type": [1] * 5}
+        dup, last, text = 2, 4, "ab"
+    tok = Tokenizer.from_gguf(fields)
+    assert len(tok) == len(fields["tokenizer.ggml.tokens"])
+    ids = tok.encode(text, add_special_tokens=False)
+    assert dup not in ids and last in ids
+    assert tok.decode([dup]) == tok.decode([last]) != ""
+    assert tok.convert_ids_to_tokens([dup]) == tok.convert_ids_to_tokens([last])
+    back = tokenizer_gguf_fields(tok)  # written to a GGUF again: the vocabulary as it was
+    assert back["tokenizer.ggml.tokens"][:len(fields["tokenizer.ggml.tokens"])] == fields["tokenizer.ggml.tokens"]

@@ -21,23 +21,29 @@ __all__ = ["HFTokenizers", "LLAMA3_PATTERN", "LLAMA3_SPECIAL", "SentencePiece", 
 
 
 class HFTokenizers:
-    def __init__(self, tk):
+    """A `tokenizers` Tokenizer. aliases: ids whose string another id also has (a GGUF vocabulary
+    with duplicates): they hold a placeholder piece and decode as the id they alias."""
+
+    def __init__(self, tk, aliases: dict[int, int] | None = None):
         self.tk = tk
+        self.aliases = aliases or {}
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self.special_ids = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        self.special_ids |= {i for i, j in self.aliases.items() if j in self.special_ids}
 
     def encode(self, text: str, parse_special: bool = True) -> list[int]:
         self.tk.encode_special_tokens = not parse_special
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+        ids = [self.aliases.get(i, i) for i in ids] if self.aliases else list(ids)
+        return self.tk.decode(ids, skip_special_tokens=skip_special)
 
     def token_to_id(self, token):
         return self.tk.token_to_id(token)
 
     def id_to_token(self, i):
-        return self.tk.id_to_token(i)
+        return self.tk.id_to_token(self.aliases.get(i, i))
 
 
 class SentencePiece:

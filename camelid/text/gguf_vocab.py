@@ -101,6 +101,7 @@ def gguf_tokenizer_backend(fields: dict):
     if len(types) != len(tokens):
         raise ValueError("GGUF tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
     _check_vocab_fields(fields, tokens)
+    tokens, aliases = _unique_pieces(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
@@ -127,8 +128,23 @@ def gguf_tokenizer_backend(fields: dict):
     else:
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 and llama are)")
     tk.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
-                   for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
-    return HFTokenizers(tk)
+                   for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED) and i not in aliases])
+    return HFTokenizers(tk, aliases)
+
+
+def _unique_pieces(tokens: list[str]) -> tuple[list[str], dict[int, int]]:
+    """A vocabulary where a string may appear twice (some converted GGUFs have duplicates), as
+    llama.cpp reads it: text maps to the string's last id, and every id stays a token (the
+    vocabulary is not one short). The earlier ids get a piece no text can produce (a NUL-led name:
+    byte-level alphabets have no NUL, and no merge builds it) and decode as the id they alias."""
+    last = {t: i for i, t in enumerate(tokens)}
+    if len(last) == len(tokens):
+        return tokens, {}
+    pieces, aliases = list(tokens), {}
+    for i, t in enumerate(tokens):
+        if last[t] != i:
+            pieces[i], aliases[i] = f"\x00duplicate {i}", last[t]
+    return pieces, aliases
 
 
 def _check_vocab_fields(fields: dict, tokens: list) -> None:
@@ -247,6 +263,8 @@ def _hf_tokenizers_fields(backend) -> dict:
         tokens[i], types[i] = token, NORMAL
     for i, added in tk.get_added_tokens_decoder().items():
         types[i] = CONTROL if added.special else USER_DEFINED
+    for i, j in getattr(backend, "aliases", {}).items():  # a duplicate string: written as it was read
+        tokens[i], types[i] = tokens[j], types[j]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")]):
         fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
