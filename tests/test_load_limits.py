@@ -66,3 +66,32 @@ def test_the_bound_is_the_machine_not_a_fixed_cap():
         check_fits(LlamaConfig(**base, num_hidden_layers=fits + 1))
     if machine_bytes() > 8 * 2**30:
         check_fits(LlamaConfig.from_pretrained("llama-3.1-8b"))
+
+
+def test_a_safetensors_header_of_a_million_empty_entries_is_refused_at_once(tmp_path):
+    """Issue 19, finding 7: a 67 MB header of 1M zero-size tensors was parsed whole (12-81 s,
+    1.4+ GB) before the names failed; its size, in the file's first 8 bytes, is enough."""
+    import struct
+
+    (tmp_path / "config.json").write_text(json.dumps(huge_config(num_hidden_layers=1)))
+    entry = '"t{}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    raw = ("{" + ",".join(entry.format(i) for i in range(1_000_000)) + "}").encode()
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"its header is 5\d,\d{3},\d{3} bytes; a model of 1 layers needs at most"):
+        LlamaForCausalLM.from_pretrained(tmp_path)
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_real_header_is_well_under_the_bound(tmp_path):
+    from camelid.formats.hf import check_header_sizes
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                         mlp_bias=True))
+    model.save_pretrained(tmp_path)
+    check_header_sizes(tmp_path, model.config)
+    size = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
+    assert size * 4 < 16 * 3 * 512  # a quarter of the bound at most, biases and all

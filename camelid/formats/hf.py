@@ -85,6 +85,28 @@ def _read_index(directory: Path, index_name: str) -> dict[str, Path]:
     return shard_of
 
 
+HEADER_BYTES_PER_TENSOR = 512  # a safetensors header entry: name, dtype, shape, offsets (~100-200 bytes)
+
+
+def check_header_sizes(directory: Path, config: LlamaConfig) -> None:
+    """Refuse a safetensors file whose header is far larger than this config's tensors could need,
+    from its first 8 bytes, before the header is parsed: a 67 MB header of 1M empty entries took
+    12-81 s and 1.4+ GB to parse only to fail on the names."""
+    tensors = 16 * (config.num_hidden_layers + 1)  # 9-13 per layer (with biases), a few outside; doubled
+    limit = tensors * HEADER_BYTES_PER_TENSOR + (1 << 20)  # + the __metadata__ entry
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                head = f.read(8)
+        except OSError:
+            continue  # reported where the file is read
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if size > limit:
+            raise CheckpointError(f"{file}: its header is {size:,} bytes; a model of {config.num_hidden_layers} "
+                                  f"layers needs at most {limit:,} (about {tensors} tensors): not this model's "
+                                  f"weights, or a corrupt file")
+
+
 def _tensor_names(file: Path) -> list[str]:
     if file.suffix == ".safetensors":
         try:
@@ -124,6 +146,7 @@ def load_hf(directory, dtype=None, device=None, attn_implementation: str = "sdpa
     # "auto" and config.json names no dtype: the checkpoint tensors' own, as transformers does.
     auto_from_tensors = isinstance(dtype, str) and dtype == "auto" and not config.torch_dtype
     dtype = resolve_dtype(dtype, config)  # a bad argument fails before any weight file is opened
+    check_header_sizes(directory, config)
     location = {k: f for k, f in weight_files(directory).items() if not k.endswith(DROPPED_SUFFIXES)}
     shapes, dtypes = _shapes_and_dtypes(location)
     not_float = sorted((k for k, d in dtypes.items() if not (isinstance(d, torch.dtype) and d.is_floating_point)),
