@@ -49,12 +49,23 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="The Llama model family in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"camelid {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", None))
         module.add_arguments(p)
         p.set_defaults(func=module.main)
     return parser
+
+
+def _version() -> str:
+    """The installed package's version (its metadata: no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("camelid")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

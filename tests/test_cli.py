@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,25 @@ def test_info_bad_input_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10}))
     assert main(["info", str(tmp_path)]) == 2
     assert "hidden_size" in capsys.readouterr().err
+
+
+def test_info_reads_a_packaged_name_a_gguf_file_and_a_folder(smollm2_gguf, tmp_path, capsys):
+    """Issue 21, point 5: the default model's own name and its .gguf file failed ("neither a config
+    folder/file nor a preset"; the GGUF parsed as JSON)."""
+    for model in ("smollm2-135m-instruct", str(smollm2_gguf)):
+        assert main(["info", model]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(model) and "hidden_size / intermediate_size        576 / 1,536" in out
+    from camelid import LlamaConfig
+
+    LlamaConfig.from_pretrained("smollm2-135m").save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0 and "576 / 1,536" in capsys.readouterr().out
+
+
+def test_version_without_a_command():
+    out = subprocess.run([sys.executable, "-m", "camelid.cli", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert re.fullmatch(r"camelid \d+\.\d+\S*\n", out)
 
 
 def test_console_entry_point_runs():
