@@ -858,3 +858,14 @@ def test_duplicate_token_strings_keep_every_id(kind):
     assert tok.convert_ids_to_tokens([dup]) == tok.convert_ids_to_tokens([last])
     back = tokenizer_gguf_fields(tok)  # written to a GGUF again: the vocabulary as it was
     assert back["tokenizer.ggml.tokens"][:len(fields["tokenizer.ggml.tokens"])] == fields["tokenizer.ggml.tokens"]
+
+
+def test_float32_fields_read_as_their_shortest_decimal(tmp_path):
+    """Issue 21, point 8: `convert --to hf` wrote rms_norm_eps 9.999999747378752e-06 (the float32
+    GGUF value widened); the config now says 1e-05, the same float32."""
+    c = _config_with(tmp_path, attention__layer_norm_rms_epsilon=float(np.float32(1e-5)),
+                     rope__freq_base=float(np.float32(500000.0)))
+    assert (c.rms_norm_eps, c.rope_theta) == (1e-05, 500000.0)
+    assert np.float32(c.rms_norm_eps) == np.float32(1e-5)
+    exact = _config_with(tmp_path, attention__layer_norm_rms_epsilon=1e-5)  # not a float32: kept as it is
+    assert exact.rms_norm_eps == 1e-5

@@ -15,6 +15,7 @@ of a model loaded from a GGUF, pass tokenizer=<that GGUF's path>.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +119,16 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
         return v
 
     def number(name, default):
+        """A number field. GGUF stores these as float32: the shortest decimal that is the same
+        float32 (1e-06, not 9.999999974752427e-07 in a converted config.json; float32 compute
+        sees the same value either way)."""
         v = key(name, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise GGUFError(f"{g.path}: metadata 'llama.{name}' must be a number, got {type(v).__name__} {v!r:.40}")
-        return float(v)
+        v, f32 = float(v), np.float32(v)
+        if math.isfinite(v) and float(f32) == v:
+            return float(np.format_float_positional(f32, unique=True, trim="-"))
+        return v
 
     heads = count("attention.head_count")
     hidden = count("embedding_length")
