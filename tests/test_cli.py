@@ -226,6 +226,29 @@ def test_quantize_writes_a_checkpoint_that_reloads_quantized(tmp_path, capsys):
     assert LlamaForCausalLM.from_pretrained(tmp_path / "q8i").quantization_config["format"] == "int8"
 
 
+def test_quantize_writes_the_tokenizer_so_generate_reads_the_output(tmp_path, smollm2_tokenizer, capsys):
+    """Issue 21, point 4: the quantized folder had no tokenizer: generate / chat / serve on it
+    failed after loading it ("no tokenizer.json or tokenizer.model")."""
+    import torch
+
+    from camelid import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path / "src")
+    smollm2_tokenizer.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5}))
+    assert main(["quantize", str(tmp_path / "src"), str(tmp_path / "q8"), "--bits", "8"]) == 0
+    assert (tmp_path / "q8" / "generation_config.json").is_file()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "q8"), "--max-new-tokens", "3", "Hello"]) == 0
+    assert capsys.readouterr().out.strip()
+    # a source without a tokenizer: the weights are written, and a note says what is missing
+    assert main(["quantize", _tiny_checkpoint(tmp_path / "bare"), str(tmp_path / "q8b"), "--bits", "8"]) == 0
+    assert "has no tokenizer to copy" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--bits", "8", "--group-size", "32"], "no --group-size"),
     (["--bits", "4", "--format", "q8_0"], "is 8-bit"),

@@ -37,4 +37,25 @@ def main(args) -> int:
     save(model, dst)
     summary = quantization_summary(model)
     print(f"{args.src} -> {dst}: {summary}; weights {weight_bytes(model) / 2**20:.1f} MiB")
+    save_tokenizer(args.src, dst)
     return 0
+
+
+def save_tokenizer(src, dst) -> None:
+    """The source's tokenizer (and generation_config.json) beside the written weights, so that
+    generate / chat / serve / perplexity read the folder as they read the source."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from camelid.text.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_pretrained(src)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"note: {src} has no tokenizer to copy ({e}); give the programs that read {dst} one", file=sys.stderr)
+        return
+    tokenizer.save_pretrained(dst)
+    config = Path(src) / "generation_config.json"
+    if config.is_file():
+        shutil.copyfile(config, Path(dst) / config.name)
