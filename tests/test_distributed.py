@@ -123,7 +123,9 @@ def test_generate_nproc_that_cannot_split_fails_before_loading(smollm2_gguf, cap
     from camelid.cli import main
 
     assert main(["generate", "hi", "--nproc", "2"]) == 2  # SmolLM2-135M: 9 heads
-    assert "world size 2 does not divide num_attention_heads 9" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "world size 2 does not divide num_attention_heads 9" in err
+    assert "this model splits over 3 processes" in err  # issue 21, point 8: which counts work
 
 
 def _load_worker(rank, world, port, path, out):

@@ -57,13 +57,32 @@ def head_plan(num_heads: int, num_kv_heads: int, world: int, rank: int) -> tuple
 
 
 def check_plan(config, world: int) -> None:
-    """Raise TPError before any weight is touched when `config` cannot be split over `world`."""
+    """Raise TPError before any weight is touched when `config` cannot be split over `world`,
+    naming the world sizes that can."""
     if config.alibi:
         raise TPError("tensor parallelism of ALiBi models is not supported (per-head slopes would need splitting)")
+    try:
+        _check_split(config, world)
+    except TPError as e:
+        sizes = [n for n in range(2, 65) if _splits(config, n)]
+        works = (f"this model splits over {', '.join(map(str, sizes[:8]))} processes" if sizes
+                 else "this model cannot be split over 2 to 64 processes: run it on one")
+        raise TPError(f"{e}; {works}") from None
+
+
+def _check_split(config, world: int) -> None:
     for r in range(world):
         head_plan(config.num_attention_heads, config.num_key_value_heads, world, r)
     if config.intermediate_size % world:
         raise TPError(f"world size {world} does not divide intermediate_size {config.intermediate_size}")
+
+
+def _splits(config, world: int) -> bool:
+    try:
+        _check_split(config, world)
+        return True
+    except TPError:
+        return False
 
 
 class RowParallelLinear(nn.Module):
