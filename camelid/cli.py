@@ -54,8 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", None))
         module.add_arguments(p)
+        if name in THREADED and not any("--threads" in a.option_strings for a in p._actions):
+            p.add_argument("--threads", type=int, default=None,
+                           help="CPU threads for torch and camelid's kernels (default: torch's, one per core); "
+                                "on a machine other jobs share, fewer can be faster")
         p.set_defaults(func=module.main)
     return parser
+
+
+# the programs that compute (and so take --threads)
+THREADED = ("convert", "generate", "chat", "bench", "quantize", "perplexity", "compare", "eval", "finetune",
+            "export", "serve")
+
+
+def set_threads(n: int | None) -> None:
+    """--threads: torch's intra-op threads (camelid's kernels use as many), here and in the
+    processes --nproc starts (OMP_NUM_THREADS)."""
+    if n is None:
+        return
+    if isinstance(n, bool) or n < 1:
+        raise ValueError(f"--threads must be at least 1, got {n}")
+    import os
+
+    import torch
+
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def _version() -> str:
@@ -71,6 +95,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        set_threads(getattr(args, "threads", None))
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"camelid {args.command}: error: {e}", file=sys.stderr)

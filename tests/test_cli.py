@@ -44,6 +44,32 @@ def test_info_reads_a_packaged_name_a_gguf_file_and_a_folder(smollm2_gguf, tmp_p
     assert main(["info", str(tmp_path)]) == 0 and "576 / 1,536" in capsys.readouterr().out
 
 
+def test_threads_on_every_program_that_computes(tmp_path, capsys):
+    """Issue 21, point 2: only bench had --threads."""
+    import torch
+
+    from camelid.cli import THREADED, build_parser
+
+    parser = build_parser()
+    for name in THREADED:
+        assert parser.parse_args([name, *REQUIRED.get(name, []), "--threads", "1"]).threads == 1, name
+    before = torch.get_num_threads()
+    try:
+        src = _tiny_checkpoint(tmp_path / "tiny")
+        assert main(["bench", "--model", src, "--threads", "1", "--new", "2", "--prompt-len", "4"]) == 0
+        assert torch.get_num_threads() == 1
+        capsys.readouterr()
+        assert main(["perplexity", src, str(tmp_path / "t.txt"), "--threads", "0"]) == 2
+        assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+REQUIRED = {"generate": ["hi"], "convert": ["a", "b", "--to", "hf"], "quantize": ["a", "b", "--bits", "8"], "compare": ["a", "b"],
+            "export": ["m", "out"], "eval": ["m", "--tasks", "x"], "finetune": ["--data", "d", "--out", "o"],
+            "perplexity": ["m", "t.txt"]}
+
+
 def test_version_without_a_command():
     out = subprocess.run([sys.executable, "-m", "camelid.cli", "--version"], capture_output=True, text=True,
                          check=True).stdout
