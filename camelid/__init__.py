@@ -1,16 +1,20 @@
 """camelid: the Llama model family in Python and PyTorch, end to end.
 
-The names a user types are here; the rest is imported on first use, so `import camelid` stays
-light (no tokenizers, no generation machinery until asked for)."""
-
-from camelid.core import accounting
-from camelid.core.cache import Int8KVCache, KVCache
-from camelid.core.config import ConfigError, LlamaConfig
-from camelid.core.model import CausalLMOutput, LlamaModel
-from camelid.formats import CheckpointError
-from camelid.hf_compat import LlamaForCausalLM, TextStreamer, load_pretrained
+The names a user types are here, each imported on first use, so `import camelid` (and `camelid
+--help`) stays light: no torch until a name that needs it is asked for."""
 
 _LAZY = {
+    "accounting": None,  # a module: camelid.core.accounting
+    "Int8KVCache": "camelid.core.cache",
+    "KVCache": "camelid.core.cache",
+    "ConfigError": "camelid.core.config",
+    "LlamaConfig": "camelid.core.config",
+    "CausalLMOutput": "camelid.core.model",
+    "LlamaModel": "camelid.core.model",
+    "CheckpointError": "camelid.formats",
+    "LlamaForCausalLM": "camelid.hf_compat",
+    "TextStreamer": "camelid.hf_compat",
+    "load_pretrained": "camelid.hf_compat",
     "Tokenizer": "camelid.text.tokenizer",
     "generate_tokens": "camelid.generation.generate",
     "generate": "camelid.generation.generate",
@@ -22,6 +26,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
+        if _LAZY[name] is None:
+            return importlib.import_module(f"camelid.core.{name}")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'camelid' has no attribute {name!r}")
 

@@ -70,6 +70,13 @@ REQUIRED = {"generate": ["hi"], "convert": ["a", "b", "--to", "hf"], "quantize":
             "perplexity": ["m", "t.txt"]}
 
 
+def test_help_does_not_import_torch():
+    """Issue 21, point 8: `camelid --help` took 8 s on a busy machine (the package imported torch)."""
+    code = "import sys; from camelid.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_version_without_a_command():
     out = subprocess.run([sys.executable, "-m", "camelid.cli", "--version"], capture_output=True, text=True,
                          check=True).stdout
