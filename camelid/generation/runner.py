@@ -21,6 +21,7 @@ import torch
 
 from camelid.core.cache import model_paged_cache
 from camelid.generation.scheduler import Event, Handle, Step
+from camelid.generation.sampling import logprobs
 from camelid.generation.step import Decoding, next_tokens
 
 
@@ -84,12 +85,10 @@ class Runner:
         """(logprob, top n) of each prompt token in (start, min(end + 1, P)) given those before it,
         from the chunk's logits [1, end - start, V] (log-softmax of the raw logits, in float32)."""
         nxt = torch.tensor(h.prompt[start + 1:end + 1], device=logits.device)
-        lp = logits[0, :len(nxt)].float().log_softmax(-1)
-        chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
-        if not h.prompt_logprobs:
-            return [(c, []) for c in chosen]
-        values, ids = lp.topk(h.prompt_logprobs, dim=-1)
-        return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+        chosen, values, ids = logprobs(logits[0, :len(nxt)], nxt, h.prompt_logprobs)
+        if values is None:
+            return [(c, []) for c in chosen.tolist()]
+        return [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), ids.tolist(), values.tolist())]
 
     def _next_isolated(self, h: Handle, logits: torch.Tensor) -> Event:
         """One row's token, or an error Event for that row alone: a request's own sampling values
